@@ -1,0 +1,185 @@
+"""fopro checkpoints: NAME.safetensors (weights) + NAME.json (validated metadata), written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fopro import __version__
+from fopro.errors import FoproError
+from fopro.io import atomic_path, write_json
+from fopro.models.preprocess import Preprocess
+
+FORMAT = "fopro-checkpoint"
+FORMAT_VERSION = 1
+MAX_CLASSES = 100_000
+
+
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild and use a model: architecture, classes, preprocessing, provenance."""
+
+    arch: str
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    train_counts: list[int] | None = None
+    epoch: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    fopro_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(self.image_size, tuple(self.mean), tuple(self.std))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["num_classes"] = self.num_classes
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "CheckpointMeta":
+        validate_meta(data, source)
+        return cls(
+            arch=data["arch"],
+            classes=list(data["classes"]),
+            image_size=int(data["image_size"]),
+            mean=[float(v) for v in data["mean"]],
+            std=[float(v) for v in data["std"]],
+            train_counts=None if data.get("train_counts") is None else [int(v) for v in data["train_counts"]],
+            epoch=data.get("epoch"),
+            metrics=data.get("metrics") or {},
+            config=data.get("config") or {},
+            fopro_version=str(data.get("fopro_version", "")),
+        )
+
+
+def validate_meta(data: Any, source: str) -> None:
+    """Types and sizes of a checkpoint's JSON, checked before anything is built from it."""
+
+    def fail(what: str) -> None:
+        raise FoproError(f"{source}: {what}; the checkpoint metadata is invalid, re-export it with fopro")
+
+    if not isinstance(data, dict):
+        fail("the JSON is not an object")
+    if data.get("format") != FORMAT:
+        fail(f"'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+        fail(f"'format_version' {data.get('format_version')!r} is not supported by fopro {__version__}")
+    if not isinstance(data.get("arch"), str) or not data["arch"]:
+        fail("'arch' must be a model name")
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        fail("'classes' must be a non-empty list of names")
+    if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
+        fail("'classes' must be unique names")
+    if "num_classes" in data and data["num_classes"] != len(classes):
+        fail(f"'num_classes' {data['num_classes']} differs from the {len(classes)} class names")
+    size = data.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 8192:
+        fail("'image_size' must be an integer between 8 and 8192")
+    for key in ("mean", "std"):
+        values = data.get(key)
+        if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            fail(f"'{key}' must be a list of 3 numbers")
+    if any(v <= 0 for v in data["std"]):
+        fail("'std' values must be positive")
+    counts = data.get("train_counts")
+    if counts is not None and (
+        not isinstance(counts, list) or len(counts) != len(classes) or not all(isinstance(c, int) and c >= 0 for c in counts)
+    ):
+        fail("'train_counts' must list one non-negative integer per class")
+
+
+def sidecar(path: str | Path) -> tuple[Path, Path]:
+    """(weights, metadata) paths of a checkpoint given as NAME, NAME.safetensors or NAME.json."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+    """Write weights then metadata, each atomically; returns the weights path."""
+    weights_path, meta_path = sidecar(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FoproError(f"refusing to write {weights_path}: weight {name} is not finite")
+    with atomic_path(weights_path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "arch": meta.arch})
+    payload = meta.to_dict()
+    payload["weights_sha256"] = file_sha256(weights_path)
+    write_json(meta_path, payload)
+    return weights_path
+
+
+def load_meta(path: str | Path) -> CheckpointMeta:
+    _, meta_path = sidecar(path)
+    if not meta_path.is_file():
+        raise FoproError(f"{meta_path} is missing: a fopro checkpoint is NAME.safetensors with its NAME.json beside it")
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FoproError(f"{meta_path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}): restore it from the run") from err
+    return CheckpointMeta.from_dict(data, str(meta_path))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    weights_path, meta_path = sidecar(path)
+    if not weights_path.is_file():
+        raise FoproError(f"{weights_path} does not exist: give a fopro checkpoint (NAME.safetensors with NAME.json)")
+    meta = load_meta(path)
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FoproError(f"{weights_path} is not a valid safetensors file: it may be corrupted or truncated; copy it again") from err
+    return state_dict, meta
+
+
+def build_model(path: str | Path, head: bool = True) -> tuple[nn.Module, CheckpointMeta]:
+    """The timm model of a checkpoint with its weights; with head=False the classifier is removed."""
+    from fopro.models.weights import create_timm_model, load_weights
+
+    state_dict, meta = load_checkpoint(path)
+    weights_path, meta_path = sidecar(path)
+    model = create_timm_model(meta.arch, meta.num_classes, meta.image_size, option=f"{meta_path} arch")
+    check_head(model, state_dict, meta, str(meta_path))
+    load_weights(model, state_dict, str(weights_path), keep_classifier=True)
+    if not head:
+        model.reset_classifier(0)
+    model.eval()
+    return model, meta
+
+
+def check_head(model: nn.Module, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, source: str) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    name = names.get(id(getattr(model.get_classifier(), "weight", None)))
+    if name and name in state_dict and state_dict[name].shape[0] != meta.num_classes:
+        raise FoproError(
+            f"{source} lists {meta.num_classes} classes but the weights' classifier has {state_dict[name].shape[0]} outputs: "
+            "the JSON does not belong to these weights"
+        )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,209 @@
+"""Image decoding (any mode -> RGB), seeded augmentation, and the dataset of RAW [0, 1] images.
+
+Normalisation is not done here: it happens at each model's door, because the Fourier prompt acts on
+the raw image and teacher and student have different mean/std and input sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from fopro.data.manifest import Manifest
+from fopro.errors import FoproError
+
+CACHE_LIMIT_BYTES = 2 * 1024**3
+MAX_LISTED = 5
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK...) -> uint8 HxWx3; high bit depths are rescaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        peak = 65535.0 if image.mode.startswith("I;16") else max(high, 1.0)
+        if image.mode == "F" or low < 0:
+            array, peak = array - low, max(high - low, 1e-12)
+        gray = np.clip(np.round(array / peak * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = to_rgb_array(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(path, str(err)) from err
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if tensor.shape[1:] != (size, size):
+        tensor = F.interpolate(tensor[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        tensor = tensor[0].round().clamp(0, 255).to(torch.uint8)
+    return tensor
+
+
+def verify_image(path: Path) -> None:
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(path, str(err)) from err
+
+
+class BadImageError(FoproError):
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} cannot be read as an image ({reason}): replace it, or pass --skip-bad-images")
+        self.path = path
+
+
+@dataclass
+class AugmentConfig:
+    """Train augmentation: random resized crop, flips, mild colour jitter."""
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    vflip: bool = True
+    jitter: float = 0.1
+
+
+def augment(image: torch.Tensor, generator: torch.Generator, config: AugmentConfig) -> torch.Tensor:
+    """Random resized crop + flips + jitter on a float 3xSxS image in [0, 1], drawing only from `generator`."""
+    size = image.shape[-1]
+    top, left, height, width = _crop_box(size, generator, config)
+    crop = image[:, top : top + height, left : left + width]
+    image = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    draws = torch.rand(5, generator=generator)
+    if config.hflip and draws[0] < 0.5:
+        image = image.flip(-1)
+    if config.vflip and draws[1] < 0.5:
+        image = image.flip(-2)
+    if config.jitter > 0:
+        brightness, contrast, saturation = (1 + config.jitter * (2 * draws[2:5] - 1)).tolist()
+        image = image * brightness
+        mean = image.mean()
+        image = (image - mean) * contrast + mean
+        gray = image.mean(dim=0, keepdim=True)
+        image = (image - gray) * saturation + gray
+    return image.clamp(0, 1)
+
+
+def _crop_box(size: int, generator: torch.Generator, config: AugmentConfig) -> tuple[int, int, int, int]:
+    area = size * size
+    log_ratio = (math.log(config.ratio[0]), math.log(config.ratio[1]))
+    for _ in range(10):
+        u = torch.rand(4, generator=generator).tolist()
+        target = area * (config.scale[0] + u[0] * (config.scale[1] - config.scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        width = int(round(math.sqrt(target * aspect)))
+        height = int(round(math.sqrt(target / aspect)))
+        if 0 < width <= size and 0 < height <= size:
+            return int(u[2] * (size - height + 1)), int(u[3] * (size - width + 1)), height, width
+    return 0, 0, size, size
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Raw images in [0, 1] (float 3xSxS), their labels and indices.
+
+    With `train=True`, each item is augmented with a generator seeded by (seed, epoch, index), so the
+    result does not depend on the worker that loads it or on where a resumed run restarts.
+    With `cache=True`, decoded images are kept in memory (uint8) after the first read.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        image_size: int,
+        train: bool = False,
+        seed: int = 0,
+        augment_config: AugmentConfig | None = None,
+        cache: bool | None = None,
+    ):
+        self.manifest = manifest
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.augment_config = augment_config or AugmentConfig()
+        if cache is None:
+            cache = len(manifest) * 3 * image_size * image_size <= CACHE_LIMIT_BYTES
+        self._cache: list[torch.Tensor | None] | None = [None] * len(manifest) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def raw(self, index: int) -> torch.Tensor:
+        if self._cache is None:
+            return load_image(self.manifest.paths[index], self.image_size)
+        cached = self._cache[index]
+        if cached is None:
+            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size)
+        return cached
+
+    def scan(self) -> list[int]:
+        """Indices of the images that cannot be read.
+
+        With the cache on, every image is decoded once (filling the cache, catching truncated files);
+        without it (large datasets), only the headers are verified and a bad image fails when loaded.
+        """
+        bad = []
+        for index in range(len(self)):
+            try:
+                if self._cache is None:
+                    verify_image(self.manifest.paths[index])
+                else:
+                    self.raw(index)
+            except BadImageError:
+                bad.append(index)
+        return bad
+
+    def keep(self, indices: list[int]) -> None:
+        self.manifest = self.manifest.subset(indices)
+        if self._cache is not None:
+            self._cache = [self._cache[i] for i in indices]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image = self.raw(index).float().div_(255.0)
+        if self.train:
+            generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+            image = augment(image, generator, self.augment_config)
+        return image, self.manifest.labels[index], index
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2**63 - 1)
+
+
+def checked_dataset(
+    manifest: Manifest, image_size: int, skip_bad_images: bool, train: bool = False, seed: int = 0
+) -> ImageDataset:
+    """An ImageDataset whose images all decode: fail listing the unreadable ones, or drop them with a note."""
+    dataset = ImageDataset(manifest, image_size, train=train, seed=seed)
+    bad = dataset.scan()
+    if not bad:
+        return dataset
+    paths = [str(manifest.paths[i]) for i in bad]
+    if not skip_bad_images:
+        raise FoproError(
+            f"{len(bad)} image(s) of the {manifest.split} split cannot be read, e.g. {', '.join(paths[:MAX_LISTED])}: "
+            "replace them, or pass --skip-bad-images to leave them out"
+        )
+    bad_set = set(bad)
+    dataset.keep([i for i in range(len(manifest)) if i not in bad_set])
+    dataset.manifest.notes.append(f"skipped {len(bad)} unreadable image(s) of the {manifest.split} split (--skip-bad-images)")
+    return dataset

@@ -1,0 +1,52 @@
+"""One type for every data source: image paths, integer labels, and the class names they index."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Manifest:
+    """A labelled list of images of one split; `labels[i]` indexes `classes`."""
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+    split: str = "train"
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> list[int]:
+        """Images per class, in class-index order (zeros included)."""
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=self.num_classes).tolist()
+
+    def counts_by_name(self) -> dict[str, int]:
+        return dict(zip(self.classes, self.class_counts()))
+
+    def subset(self, indices: list[int]) -> "Manifest":
+        return Manifest(
+            paths=[self.paths[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            classes=list(self.classes),
+            split=self.split,
+            source=self.source,
+            notes=list(self.notes),
+        )
+
+    def image_ids(self) -> list[str]:
+        """A readable id per image: the path relative to the common root where possible."""
+        return [p.name if len(p.parts) < 2 else f"{p.parent.name}/{p.name}" for p in self.paths]

@@ -1,0 +1,275 @@
+"""Data sources (ImageFolder tree, CSV manifests, ISIC-2019 long-tailed CSVs) -> one Manifest per split."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fopro.data.longtail import check_imbalance, longtail_indices
+from fopro.data.manifest import Manifest
+from fopro.errors import FoproError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# The `finding` column of the FoPro-KD ISIC-2019 split files: classes ordered by training frequency.
+ISIC2019_CLASSES = ["NV", "MEL", "BCC", "BKL", "AK", "SCC", "VASC", "DF"]
+ISIC2019_COLUMNS = ("image", "finding_name", "finding")
+IMAGE_COLUMN_CANDIDATES = ("image", "image_id", "image_path", "path", "file", "filename", "img")
+LABEL_COLUMN_CANDIDATES = ("label", "class", "class_name", "target", "diagnosis", "finding", "y")
+MAX_LISTED = 5
+
+
+@dataclass
+class DataOptions:
+    """Where the images and labels are; the same options on every command that reads data."""
+
+    data: Path | None = None
+    train_csv: Path | None = None
+    val_csv: Path | None = None
+    test_csv: Path | None = None
+    images: Path | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    classes: list[str] | None = None
+    imbalance: float | None = None
+    seed: int = 0
+    skip_bad_images: bool = False
+
+    def csv_for(self, split: str) -> Path | None:
+        return {"train": self.train_csv, "val": self.val_csv, "test": self.test_csv}[split]
+
+    def given(self) -> bool:
+        return self.data is not None or any(self.csv_for(s) for s in SPLITS)
+
+    def describe(self) -> str:
+        if self.data is not None:
+            return str(self.data)
+        return ", ".join(f"{s}={self.csv_for(s)}" for s in SPLITS if self.csv_for(s))
+
+
+@dataclass
+class Splits:
+    """The manifests of the available splits, with one class list shared by all of them."""
+
+    manifests: dict[str, Manifest]
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, split: str) -> Manifest:
+        return self.manifests[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.manifests
+
+    def require(self, split: str, hint: str) -> Manifest:
+        if split not in self.manifests:
+            raise FoproError(f"no {split} split in the data: {hint}")
+        manifest = self.manifests[split]
+        if len(manifest) == 0:
+            raise FoproError(f"the {split} split is empty ({manifest.source}): add images or choose another split")
+        return manifest
+
+
+def load_splits(
+    options: DataOptions,
+    splits: tuple[str, ...] = SPLITS,
+    classes: list[str] | None = None,
+) -> Splits:
+    """Read the requested splits that exist; `classes` (e.g. a checkpoint's) fixes the class order."""
+    if options.data is not None and any(options.csv_for(s) for s in SPLITS):
+        raise FoproError("give either --data ROOT or --train-csv/--val-csv/--test-csv, not both")
+    if not options.given():
+        raise FoproError("no data given: pass --data ROOT (ImageFolder) or --train-csv/--val-csv/--test-csv with --images DIR")
+    classes = classes or options.classes
+    if options.data is not None:
+        raw = _read_image_folder(Path(options.data), splits)
+    else:
+        raw = _read_csvs(options, splits)
+    if not raw:
+        raise FoproError(f"none of the splits {', '.join(splits)} was found in {options.describe()}")
+    class_list = classes or _class_list(raw)
+    manifests = {split: _to_manifest(split, rows, class_list, source) for split, (rows, source) in raw.items()}
+    if options.imbalance is not None and "train" in manifests:
+        manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
+    return Splits(manifests=manifests, classes=class_list)
+
+
+def subsample_longtail(manifest: Manifest, imbalance: float, seed: int) -> Manifest:
+    check_imbalance(imbalance)
+    keep = longtail_indices(manifest.labels, manifest.num_classes, imbalance, seed)
+    result = manifest.subset(keep)
+    empty = [name for name, n in zip(result.classes, result.class_counts()) if n == 0]
+    if empty:
+        raise FoproError(
+            f"--imbalance {imbalance} leaves no training image for class(es) {', '.join(empty)}: "
+            "use a larger factor or more images"
+        )
+    return result
+
+
+Rows = list[tuple[Path, str]]
+
+
+def _class_list(raw: dict[str, tuple[Rows, str]]) -> list[str]:
+    """Class names in training order: the train split's when present, else all splits' (sorted)."""
+    source_splits = ["train"] if "train" in raw else list(raw)
+    names: set[str] = set()
+    for split in source_splits:
+        names.update(label for _, label in raw[split][0])
+    if all(name.isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _to_manifest(split: str, rows: Rows, classes: list[str], source: str) -> Manifest:
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({label for _, label in rows if label not in index})
+    if unknown:
+        raise FoproError(
+            f"{source}: {split} label(s) {', '.join(unknown[:MAX_LISTED])} are not among the classes "
+            f"({', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}): fix the labels or the class list"
+        )
+    return Manifest(
+        paths=[path for path, _ in rows],
+        labels=[index[label] for _, label in rows],
+        classes=list(classes),
+        split=split,
+        source=source,
+    )
+
+
+def _read_image_folder(root: Path, splits: tuple[str, ...]) -> dict[str, tuple[Rows, str]]:
+    if not root.exists():
+        raise FoproError(f"--data {root} does not exist: give the folder that holds train/, val/ and test/")
+    if not root.is_dir():
+        raise FoproError(f"--data {root} is not a folder: give the folder that holds train/, val/ and test/")
+    present = [s for s in splits if (root / s).is_dir()]
+    if not present:
+        raise FoproError(
+            f"--data {root} has none of the split folders {', '.join(s + '/' for s in splits)}: "
+            "lay it out as ROOT/<split>/<class name>/<image>"
+        )
+    return {split: (_read_split_folder(root / split), str(root / split)) for split in present}
+
+
+def _read_split_folder(folder: Path) -> Rows:
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise FoproError(f"{folder} has no class folders: put images in {folder}/<class name>/")
+    rows: Rows = []
+    empty = []
+    for class_dir in class_dirs:
+        images = sorted(
+            p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not images:
+            empty.append(class_dir.name)
+        rows.extend((path, class_dir.name) for path in images)
+    if empty:
+        raise FoproError(
+            f"{folder}: class folder(s) {', '.join(empty[:MAX_LISTED])} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"
+        )
+    return rows
+
+
+def _read_csvs(options: DataOptions, splits: tuple[str, ...]) -> dict[str, tuple[Rows, str]]:
+    if options.images is None:
+        raise FoproError("CSV manifests need --images DIR, the folder the image paths are relative to")
+    images = Path(options.images)
+    if not images.is_dir():
+        raise FoproError(f"--images {images} is not a folder: give the folder that holds the images")
+    result = {}
+    for split in splits:
+        csv_path = options.csv_for(split)
+        if csv_path is not None:
+            result[split] = (_read_csv(Path(csv_path), images, options), str(csv_path))
+    return result
+
+
+def _read_csv(path: Path, images: Path, options: DataOptions) -> Rows:
+    if not path.is_file():
+        raise FoproError(f"{path} does not exist: check the --{_csv_split(path, options)}-csv path")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            records = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise FoproError(f"{path} is not a readable CSV file ({err}): save it as UTF-8 CSV with a header") from err
+    if not header:
+        raise FoproError(f"{path} is empty: it needs a header line and one row per image")
+    if not records:
+        raise FoproError(f"{path} has a header but no rows: add one row per image")
+    if all(c in header for c in ISIC2019_COLUMNS) and options.label_column is None:
+        rows = _isic_rows(path, records, images)
+    else:
+        image_col = _pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
+        label_col = _pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
+        rows = [(_resolve_image(images, r[image_col]), _label_name(r[label_col], options.classes)) for r in records]
+    _check_rows(path, rows)
+    return rows
+
+
+def _csv_split(path: Path, options: DataOptions) -> str:
+    return next((s for s in SPLITS if options.csv_for(s) == path), "train")
+
+
+def _isic_rows(path: Path, records: list[dict[str, str]], images: Path) -> Rows:
+    rows = []
+    for line, record in enumerate(records, start=2):
+        finding = record["finding"]
+        if not finding.isdigit() or int(finding) >= len(ISIC2019_CLASSES):
+            raise FoproError(f"{path}:{line}: finding '{finding}' is not a class index 0-7 of the ISIC-2019 LT split")
+        image = record["image"]
+        rows.append((_resolve_image(images, image if Path(image).suffix else image + ".jpg"), ISIC2019_CLASSES[int(finding)]))
+    return rows
+
+
+def _pick_column(path: Path, header: list[str], chosen: str | None, candidates: tuple[str, ...], option: str) -> str:
+    if chosen is not None:
+        if chosen not in header:
+            raise FoproError(f"{path} has no column '{chosen}' ({option}); its columns are: {', '.join(header)}")
+        return chosen
+    lowered = {h.lower(): h for h in header}
+    found = [lowered[c] for c in candidates if c in lowered]
+    if len(found) != 1 or len(header) < 2:
+        what = "no" if not found else "several"
+        raise FoproError(
+            f"{path}: {what} column looks like the {option.split('-')[2]} column (columns: {', '.join(header)}): "
+            f"name it with {option}"
+        )
+    return found[0]
+
+
+def _label_name(value: str, classes: list[str] | None) -> str:
+    """Labels may be class names or indices; indices map through the class list when one is given."""
+    if classes and value.isdigit() and value not in classes and int(value) < len(classes):
+        return classes[int(value)]
+    return value
+
+
+def _resolve_image(images: Path, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else images / path
+
+
+def _check_rows(path: Path, rows: Rows) -> None:
+    seen: set[Path] = set()
+    duplicates = []
+    for image, _ in rows:
+        if image in seen:
+            duplicates.append(image.name)
+        seen.add(image)
+    if duplicates:
+        raise FoproError(
+            f"{path}: {len(duplicates)} duplicate row(s), e.g. {', '.join(duplicates[:MAX_LISTED])}: "
+            "list each image once"
+        )
+    missing = [image for image, _ in rows if not image.is_file()]
+    if missing:
+        raise FoproError(
+            f"{path}: {len(missing)} of {len(rows)} images do not exist, e.g. "
+            f"{', '.join(str(m) for m in missing[:MAX_LISTED])}: check --images and the image column"
+        )

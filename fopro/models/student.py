@@ -1,0 +1,61 @@
+"""The student: a timm classifier (backbone + fc) and the distillation heads used only in training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fopro.models.preprocess import Preprocess
+from fopro.models.weights import create_timm_model, load_weights, read_state_dict
+
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class StudentOptions:
+    arch: str = "resnet18"
+    image_size: int = 64
+    pretrained: bool = False
+    weights: Path | None = None
+
+
+def create_student(options: StudentOptions, num_classes: int) -> tuple[nn.Module, Preprocess]:
+    """A timm classifier whose head is `fc`; random init unless pretrained weights are asked for."""
+    if options.weights is not None:
+        model = create_timm_model(options.arch, num_classes, options.image_size, option="--student")
+        load_weights(model, read_state_dict(options.weights, "--student-weights"), str(options.weights), keep_classifier=False)
+    else:
+        model = create_timm_model(options.arch, num_classes, options.image_size, option="--student", pretrained=options.pretrained)
+    cfg = model.pretrained_cfg
+    preprocess = Preprocess(
+        options.image_size, tuple(cfg.get("mean", DEFAULT_MEAN)), tuple(cfg.get("std", DEFAULT_STD))
+    )
+    return model, preprocess
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pooled feature f and fc(f) of a timm classifier, with one backbone pass."""
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return features, model.get_classifier()(features)
+
+
+class DistillHeads(nn.Module):
+    """Projector p(f) -> teacher embedding space, and the second classifier fc_t(p(f)) (EKD)."""
+
+    def __init__(self, feature_dim: int, teacher_dim: int, num_classes: int, second_head: bool = True):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, teacher_dim),
+        )
+        self.fc_t = nn.Linear(teacher_dim, num_classes) if second_head else None
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        projected = self.projector(features)
+        return projected, (self.fc_t(projected) if self.fc_t is not None else None)
