@@ -16,7 +16,7 @@ from torch import nn
 from fopro import __version__
 from fopro.errors import FoproError
 from fopro.io import atomic_path, write_json
-from fopro.models.preprocess import Preprocess
+from fopro.preprocess import Preprocess
 
 FORMAT = "fopro-checkpoint"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """Teacher (frozen embeddings), student (timm classifier + distillation heads), weight loading."""
 
-from fopro.models.preprocess import Preprocess
+from fopro.preprocess import Preprocess
 from fopro.models.student import DistillHeads, StudentOptions, create_student, features_and_logits
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fopro.models.preprocess import Preprocess
+from fopro.preprocess import Preprocess
 from fopro.models.weights import create_timm_model, load_weights, read_state_dict
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fopro.checkpoint import build_model, sidecar
 from fopro.errors import FoproError
-from fopro.models.preprocess import Preprocess
+from fopro.preprocess import Preprocess
 from fopro.models.weights import create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
 
 

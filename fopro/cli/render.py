@@ -1,0 +1,75 @@
+"""Rich renderings of library results, shared by the commands that show them."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from fopro.cli.common import console
+
+GROUP_STYLE = {"head": "green", "medium": "yellow", "tail": "bold red"}
+
+
+def fmt(value: float | None, percent: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def render_eval(report: dict, title: str = "Evaluation") -> None:
+    """Headline numbers, the per-class table sorted by training count, then the confusion matrix."""
+    console.rule(f"[bold]{title}[/] — {report.get('split', '')} split, {report['num_samples']} images")
+    tail = report.get("tail_recall")
+    console.print(
+        f"balanced accuracy [bold]{fmt(report['balanced_accuracy'])}[/]   "
+        f"rare-class (tail) recall [bold red]{fmt(tail)}[/]   macro-F1 [bold]{fmt(report['macro_f1'])}[/]"
+    )
+    console.print(
+        f"accuracy {fmt(report['accuracy'])}   macro AUC {fmt(report['macro_auc'], False)}   "
+        f"ECE {fmt(report['ece'], False)}   MCC {fmt(report['mcc'], False)}   kappa {fmt(report['kappa'], False)}"
+    )
+    if report.get("groups"):
+        console.print(
+            "group mean recall: "
+            + "   ".join(
+                f"[{GROUP_STYLE[name]}]{name}[/] {fmt(group['mean_recall'])} ({len(group['classes'])} classes)"
+                for name, group in report["groups"].items()
+            )
+        )
+    render_per_class(report)
+    render_confusion(report)
+    for note in report.get("notes", []):
+        console.print(f"[dim]note: {note}[/]")
+
+
+def render_per_class(report: dict) -> None:
+    table = Table(title="Per class (sorted by training count)")
+    for column in ("class", "train", "support", "precision", "recall", "specificity", "F1", "AUC", "group"):
+        table.add_column(column, justify="left" if column in ("class", "group") else "right")
+    groups = {name: group for group, info in (report.get("groups") or {}).items() for name in info["classes"]}
+    rows = sorted(report["per_class"], key=lambda r: -(r["train_count"] or 0))
+    for row in rows:
+        group = groups.get(row["name"], "")
+        table.add_row(
+            row["name"],
+            "?" if row["train_count"] is None else str(row["train_count"]),
+            str(row["support"]),
+            fmt(row["precision"]),
+            fmt(row["recall"]),
+            fmt(row["specificity"]),
+            fmt(row["f1"]),
+            fmt(row["auc"], False),
+            f"[{GROUP_STYLE[group]}]{group}[/]" if group else "",
+        )
+    console.print(table)
+
+
+def render_confusion(report: dict) -> None:
+    names = report["class_names"]
+    table = Table(title="Confusion matrix (rows: true, columns: predicted; counts)")
+    table.add_column("true \\ pred")
+    for name in names:
+        table.add_column(name[:10], justify="right")
+    for name, row in zip(names, report["confusion_matrix"]):
+        cells = [f"[bold green]{v}[/]" if i == names.index(name) else (str(v) if v else "[dim]0[/]") for i, v in enumerate(row)]
+        table.add_row(name, *cells)
+    console.print(table)

@@ -1,0 +1,134 @@
+"""Prediction backends (fopro checkpoint, exported ONNX model) -> the metrics report, and its files."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fopro.checkpoint import build_model
+from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
+from fopro.errors import FoproError
+from fopro.io import write_json, write_text
+from fopro.metrics import compute_metrics
+from fopro.preprocess import Preprocess
+from fopro.plots import plot_confusion
+from fopro.runtime import ProgressFn, no_progress, resolve_device
+
+
+@dataclass
+class EvalOptions:
+    split: str = "test"
+    batch_size: int = 64
+    device: str = "auto"
+    head_threshold: int = 100
+    tail_threshold: int = 20
+
+
+class Predictor(Protocol):
+    """Anything that turns raw [0, 1] images into class probabilities, with the facts to interpret them."""
+
+    classes: list[str]
+    train_counts: list[int] | None
+    preprocess: Preprocess
+    description: str
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchPredictor:
+    def __init__(self, path: str | Path, device: str = "auto"):
+        self.device = resolve_device(device)
+        model, meta = build_model(path)
+        self.model = model.to(self.device).eval()
+        self.classes = meta.classes
+        self.train_counts = meta.train_counts
+        self.preprocess = meta.preprocess
+        self.description = f"fopro checkpoint {path} ({meta.arch})"
+
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        logits = self.model(self.preprocess(images.to(self.device)))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
+    path = Path(path)
+    if path.suffix == ".onnx":
+        from fopro.export import OnnxPredictor
+
+        return OnnxPredictor(path)
+    return TorchPredictor(path, device)
+
+
+def predict(predictor: Predictor, dataset: ImageDataset, batch_size: int, progress: ProgressFn = no_progress) -> np.ndarray:
+    """Probabilities (N, C) for a dataset of raw images, in dataset order."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    outputs = []
+    done = 0
+    for images, _, _ in loader:
+        outputs.append(predictor.predict_proba(images))
+        done += len(images)
+        progress("predicting", done, len(dataset))
+    return np.concatenate(outputs, axis=0)
+
+
+def evaluate(
+    model_path: str | Path,
+    data: DataOptions,
+    options: EvalOptions = EvalOptions(),
+    out_dir: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict:
+    """Evaluate a checkpoint or ONNX model on one split; returns the report (and writes its files to out_dir)."""
+    if options.batch_size <= 0:
+        raise FoproError(f"--batch-size {options.batch_size} must be greater than 0")
+    predictor = load_predictor(model_path, options.device)
+    splits = load_splits(data, splits=(options.split,), classes=predictor.classes)
+    manifest = splits.require(options.split, f"give --{options.split}-csv or a {options.split}/ folder, or pick --split")
+    dataset = checked_dataset(manifest, predictor.preprocess.image_size, data.skip_bad_images)
+    probs = predict(predictor, dataset, options.batch_size, progress)
+    labels = np.asarray(dataset.manifest.labels)
+    report = compute_metrics(
+        labels, probs, predictor.classes, predictor.train_counts, options.head_threshold, options.tail_threshold
+    )
+    report["model"] = str(model_path)
+    report["model_description"] = predictor.description
+    report["split"] = options.split
+    report["data"] = data.describe()
+    report["notes"] = dataset.manifest.notes + report["notes"]
+    if out_dir is not None:
+        write_report(report, dataset.manifest.image_ids(), labels, probs, Path(out_dir))
+    return report
+
+
+def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: np.ndarray, out_dir: Path) -> dict[str, Path]:
+    """metrics.json, per_class.csv, predictions.csv and confusion.png in out_dir, each written atomically."""
+    classes = report["class_names"]
+    files = {
+        "metrics": out_dir / "metrics.json",
+        "per_class": out_dir / "per_class.csv",
+        "predictions": out_dir / "predictions.csv",
+        "confusion": out_dir / "confusion.png",
+    }
+    write_json(files["metrics"], report)
+    columns = ["name", "index", "train_count", "support", "predicted", "precision", "recall", "specificity", "f1", "auc"]
+    write_text(files["per_class"], _csv_text([columns] + [[row[c] for c in columns] for row in report["per_class"]]))
+    preds = probs.argmax(axis=1)
+    rows = [["image", "label", "pred"] + [f"prob_{c}" for c in classes]]
+    for image, label, pred, row in zip(image_ids, labels, preds, probs):
+        rows.append([image, classes[label], classes[pred]] + [f"{p:.6f}" for p in row])
+    write_text(files["predictions"], _csv_text(rows))
+    plot_confusion(report["confusion_matrix"], classes, files["confusion"], title=f"Confusion matrix ({report.get('split', '')})")
+    return files
+
+
+def _csv_text(rows: list[list]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(["" if v is None else v for v in row] for row in rows)
+    return buffer.getvalue()

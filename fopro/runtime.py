@@ -1,0 +1,40 @@
+"""Device choice, seeding and the progress callback type shared by the library functions."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fopro.errors import FoproError
+
+# progress(description, done, total): library functions report long work through this; the CLI draws it.
+ProgressFn = Callable[[str, int, int], None]
+
+
+def no_progress(description: str, done: int, total: int) -> None:
+    return None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FoproError(f"--device {device}: no CUDA GPU is available here; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise FoproError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from err
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def check_positive(value: float, option: str) -> None:
+    if not value > 0:
+        raise FoproError(f"{option} {value} must be greater than 0")
