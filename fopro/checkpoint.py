@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,8 @@ def validate_meta(data: Any, source: str) -> None:
         fail("'image_size' must be an integer between 8 and 8192")
     for key in ("mean", "std"):
         values = data.get(key)
-        if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-            fail(f"'{key}' must be a list of 3 numbers")
+        if not isinstance(values, list) or len(values) != 3 or not all(_is_number(v) for v in values):
+            fail(f"'{key}' must be a list of 3 finite numbers")
     if any(v <= 0 for v in data["std"]):
         fail("'std' values must be positive")
     counts = data.get("train_counts")
@@ -105,6 +106,11 @@ def validate_meta(data: Any, source: str) -> None:
         not isinstance(counts, list) or len(counts) != len(classes) or not all(isinstance(c, int) and c >= 0 for c in counts)
     ):
         fail("'train_counts' must list one non-negative integer per class")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (JSON allows NaN and Infinity; bools are ints in Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sidecar(path: str | Path) -> tuple[Path, Path]:

@@ -42,14 +42,26 @@ class Predictor(Protocol):
 
 
 class TorchPredictor:
-    def __init__(self, path: str | Path, device: str = "auto"):
-        self.device = resolve_device(device)
-        model, meta = build_model(path)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        classes: list[str],
+        train_counts: list[int] | None,
+        description: str,
+        device: torch.device | str = "cpu",
+    ):
+        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.classes = meta.classes
-        self.train_counts = meta.train_counts
-        self.preprocess = meta.preprocess
-        self.description = f"fopro checkpoint {path} ({meta.arch})"
+        self.classes = classes
+        self.train_counts = train_counts
+        self.preprocess = preprocess
+        self.description = description
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TorchPredictor":
+        model, meta = build_model(path)
+        return cls(model, meta.preprocess, meta.classes, meta.train_counts, f"fopro checkpoint {path} ({meta.arch})", resolve_device(device))
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
@@ -63,7 +75,7 @@ def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
         from fopro.export import OnnxPredictor
 
         return OnnxPredictor(path)
-    return TorchPredictor(path, device)
+    return TorchPredictor.from_checkpoint(path, device)
 
 
 def predict(predictor: Predictor, dataset: ImageDataset, batch_size: int, progress: ProgressFn = no_progress) -> np.ndarray:

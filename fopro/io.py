@@ -24,6 +24,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise FoproError(f"cannot write {path}: {err.strerror}; choose a writable output path") from err
     os.close(fd)
     tmp_path = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as handle:

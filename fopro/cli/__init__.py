@@ -9,7 +9,10 @@ import typer
 from fopro import __version__
 from fopro.cli import data as data_commands
 from fopro.cli.common import STATE
+from fopro.cli.distill import distill_cli
 from fopro.cli.evaluate import eval_cli
+from fopro.cli.export import export_cli
+from fopro.cli.probe import probe_cli
 
 app = typer.Typer(
     name="fopro",
@@ -19,7 +22,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_commands.app, name="data")
+app.command("distill")(distill_cli)
 app.command("eval")(eval_cli)
+app.command("export")(export_cli)
+app.command("probe")(probe_cli)
 
 
 def _version(value: bool) -> None:

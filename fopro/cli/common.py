@@ -128,9 +128,18 @@ def data_options_from(values: dict[str, Any]) -> DataOptions:
 
 def with_data_options(func: Callable) -> Callable:
     """Add the shared data options to a command; the command receives them as `data_options: DataOptions`."""
+    return _add_data_options(func, "data_options", data_options_from)
+
+
+def with_data_values(func: Callable) -> Callable:
+    """Like with_data_options, but the command receives the raw values as `data_values: dict`."""
+    return _add_data_options(func, "data_values", dict)
+
+
+def _add_data_options(func: Callable, target: str, build: Callable[[dict[str, Any]], Any]) -> Callable:
     signature = inspect.signature(func)
     hints = typing.get_type_hints(func, include_extras=True)
-    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != "data_options"]
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != target]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DATA_DEFAULTS.get(name), annotation=Annotated[kind, info])
         for name, (kind, info) in DATA_OPTIONS.items()
@@ -139,7 +148,7 @@ def with_data_options(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in DATA_OPTIONS if name in kwargs}
-        return func(data_options=data_options_from(values), **kwargs)
+        return func(**{target: build(values)}, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in own + added}

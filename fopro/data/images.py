@@ -47,7 +47,10 @@ def load_image(path: Path, size: int) -> torch.Tensor:
             array = to_rgb_array(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImageError(path, str(err)) from err
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # PIL's buffer is read-only: torch warns and sharing it is undefined
+        array = array.copy()
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
     if tensor.shape[1:] != (size, size):
         tensor = F.interpolate(tensor[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         tensor = tensor[0].round().clamp(0, 255).to(torch.uint8)
@@ -144,6 +147,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -198,6 +205,11 @@ def checked_dataset(
     if not bad:
         return dataset
     paths = [str(manifest.paths[i]) for i in bad]
+    if skip_bad_images and len(bad) == len(manifest):
+        raise FoproError(
+            f"none of the {len(bad)} image(s) of the {manifest.split} split can be read, e.g. {', '.join(paths[:MAX_LISTED])}: "
+            "nothing is left to use; replace them or check the data path"
+        )
     if not skip_bad_images:
         raise FoproError(
             f"{len(bad)} image(s) of the {manifest.split} split cannot be read, e.g. {', '.join(paths[:MAX_LISTED])}: "

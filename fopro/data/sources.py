@@ -82,13 +82,16 @@ def load_splits(
     if not options.given():
         raise FoproError("no data given: pass --data ROOT (ImageFolder) or --train-csv/--val-csv/--test-csv with --images DIR")
     classes = classes or options.classes
+    default_classes = None
     if options.data is not None:
         raw = _read_image_folder(Path(options.data), splits)
     else:
-        raw = _read_csvs(options, splits)
+        raw, isic = _read_csvs(options, splits, classes)
+        # ISIC-2019 LT labels are indices into ISIC2019_CLASSES: keep that order (and all 8 classes)
+        default_classes = list(ISIC2019_CLASSES) if isic else None
     if not raw:
         raise FoproError(f"none of the splits {', '.join(splits)} was found in {options.describe()}")
-    class_list = classes or _class_list(raw)
+    class_list = classes or default_classes or _class_list(raw)
     manifests = {split: _to_manifest(split, rows, class_list, source) for split, (rows, source) in raw.items()}
     if options.imbalance is not None and "train" in manifests:
         manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
@@ -174,21 +177,27 @@ def _read_split_folder(folder: Path) -> Rows:
     return rows
 
 
-def _read_csvs(options: DataOptions, splits: tuple[str, ...]) -> dict[str, tuple[Rows, str]]:
+def _read_csvs(
+    options: DataOptions, splits: tuple[str, ...], classes: list[str] | None
+) -> tuple[dict[str, tuple[Rows, str]], bool]:
+    """The rows of each split's CSV, and whether they all are ISIC-2019 LT files."""
     if options.images is None:
         raise FoproError("CSV manifests need --images DIR, the folder the image paths are relative to")
     images = Path(options.images)
     if not images.is_dir():
         raise FoproError(f"--images {images} is not a folder: give the folder that holds the images")
     result = {}
+    isic = []
     for split in splits:
         csv_path = options.csv_for(split)
         if csv_path is not None:
-            result[split] = (_read_csv(Path(csv_path), images, options), str(csv_path))
-    return result
+            rows, is_isic = _read_csv(Path(csv_path), images, options, classes)
+            result[split] = (rows, str(csv_path))
+            isic.append(is_isic)
+    return result, bool(isic) and all(isic)
 
 
-def _read_csv(path: Path, images: Path, options: DataOptions) -> Rows:
+def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str] | None) -> tuple[Rows, bool]:
     if not path.is_file():
         raise FoproError(f"{path} does not exist: check the --{_csv_split(path, options)}-csv path")
     try:
@@ -202,14 +211,15 @@ def _read_csv(path: Path, images: Path, options: DataOptions) -> Rows:
         raise FoproError(f"{path} is empty: it needs a header line and one row per image")
     if not records:
         raise FoproError(f"{path} has a header but no rows: add one row per image")
-    if all(c in header for c in ISIC2019_COLUMNS) and options.label_column is None:
+    isic = all(c in header for c in ISIC2019_COLUMNS) and options.label_column is None
+    if isic:
         rows = _isic_rows(path, records, images)
     else:
         image_col = _pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
         label_col = _pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
-        rows = [(_resolve_image(images, r[image_col]), _label_name(r[label_col], options.classes)) for r in records]
+        rows = [(_resolve_image(images, r[image_col]), _label_name(r[label_col], classes)) for r in records]
     _check_rows(path, rows)
-    return rows
+    return rows, isic
 
 
 def _csv_split(path: Path, options: DataOptions) -> str:

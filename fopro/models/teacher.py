@@ -113,5 +113,9 @@ def _patch_of(name: str) -> int | None:
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None or not getattr(cfg, "fixed_input_size", False):
         return None
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        with torch.device("meta"):  # only the patch size is needed: no memory, no weight initialisation
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception:  # a constructor that needs real tensors
+        model = timm.create_model(name, pretrained=False, num_classes=0)
     return patch_size(model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 
 import timm
@@ -42,7 +41,7 @@ def read_state_dict(path: str | Path, option: str = "--teacher-weights") -> dict
             f"{path} was refused: loading it would run code from the file ({_first_line(err)}); "
             "convert it to safetensors (or a plain state_dict) in a trusted environment"
         ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # corrupt pickles raise assorted errors (IndexError, KeyError, RuntimeError, EOFError...)
         raise FoproError(f"{path} is not a readable PyTorch weights file ({_first_line(err)}): check the file") from err
     return _unwrap(loaded, path)
 
@@ -106,7 +105,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     expected = model.state_dict()
     skippable = heads if not keep_classifier else ()
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked") and not k.startswith(skippable)]
-    unexpected = [k for k in state_dict if k not in expected]
+    # BatchNorm step counters carry no weights: neither missing nor extra ones are worth an error
+    unexpected = [k for k in state_dict if k not in expected and not k.endswith("num_batches_tracked")]
     mismatched = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
         for k in state_dict

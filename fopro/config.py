@@ -1,0 +1,234 @@
+"""The resolved options of `fopro distill`: defaults <- config file (YAML/TOML) <- command line; saved with each run."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fopro.data import DataOptions
+from fopro.errors import FoproError
+from fopro.losses import LOSSES
+from fopro.methods import METHODS, MethodConfig
+from fopro.models import StudentOptions, TeacherOptions
+
+OPTIMIZERS = ("adam", "sgd")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class DistillConfig:
+    """Every option of a distillation run, flat, with the same names as the command-line options."""
+
+    # data
+    data: str | None = None
+    train_csv: str | None = None
+    val_csv: str | None = None
+    test_csv: str | None = None
+    images: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    classes: list[str] | None = None
+    imbalance: float | None = None
+    data_seed: int = 0
+    skip_bad_images: bool = False
+    # models
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_image_size: int | None = None
+    student: str = "resnet18"
+    student_pretrained: bool = False
+    student_weights: str | None = None
+    image_size: int = 64
+    # method
+    method: str = "fopro"
+    loss: str = "balanced_softmax"
+    ekd_weight: float = 3.0
+    adv_weight: float = 1.0
+    fpg_reg: float = 0.1
+    fpg_mode: str = "both"
+    fpg_strength: float = 0.5
+    fpg_hidden: int = 16
+    fpg_lr: float = 1e-3
+    fpg_every: int = 1
+    reuse_teacher_forward: bool = True
+    probe_init: str | None = None
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    grad_clip: float = 5.0
+    balanced_sampler: bool = False
+    amp: str = "none"
+    channels_last: bool = True
+    device: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    # run
+    out: str | None = None
+    head_threshold: int = 100
+    tail_threshold: int = 20
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def data_options(self) -> DataOptions:
+        path = lambda value: Path(value) if value else None  # noqa: E731
+        return DataOptions(
+            data=path(self.data),
+            train_csv=path(self.train_csv),
+            val_csv=path(self.val_csv),
+            test_csv=path(self.test_csv),
+            images=path(self.images),
+            image_column=self.image_column,
+            label_column=self.label_column,
+            classes=self.classes,
+            imbalance=self.imbalance,
+            seed=self.data_seed,
+            skip_bad_images=self.skip_bad_images,
+        )
+
+    def teacher_options(self) -> TeacherOptions:
+        return TeacherOptions(
+            teacher=self.teacher or "",
+            weights=Path(self.teacher_weights) if self.teacher_weights else None,
+            image_size=self.teacher_image_size,
+        )
+
+    def student_options(self) -> StudentOptions:
+        return StudentOptions(
+            arch=self.student,
+            image_size=self.image_size,
+            pretrained=self.student_pretrained,
+            weights=Path(self.student_weights) if self.student_weights else None,
+        )
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(
+            name=self.method,
+            ekd_weight=self.ekd_weight,
+            adv_weight=self.adv_weight,
+            fpg_reg=self.fpg_reg,
+            fpg_every=self.fpg_every,
+            fpg_lr=self.fpg_lr,
+            reuse_teacher_forward=self.reuse_teacher_forward,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def validate(config: DistillConfig) -> None:
+    """Option values a run cannot start with: one clear error naming the option."""
+    checks = [
+        (config.epochs >= 1, "--epochs", "must be at least 1"),
+        (config.batch_size >= 1, "--batch-size", "must be at least 1"),
+        (config.lr > 0, "--lr", "must be greater than 0"),
+        (config.fpg_lr > 0, "--fpg-lr", "must be greater than 0"),
+        (config.image_size >= 16, "--image-size", "must be at least 16 pixels"),
+        (config.fpg_every >= 1, "--fpg-every", "must be at least 1"),
+        (config.weight_decay >= 0, "--weight-decay", "must not be negative"),
+        (config.warmup_epochs >= 0, "--warmup-epochs", "must not be negative"),
+        (config.grad_clip > 0, "--grad-clip", "must be greater than 0"),
+        (config.ekd_weight >= 0, "--ekd-weight", "must not be negative"),
+        (config.adv_weight >= 0, "--adv-weight", "must not be negative (0 turns AKD off)"),
+        (config.fpg_reg >= 0, "--fpg-reg", "must not be negative"),
+        (config.workers is None or config.workers >= 0, "--workers", "must not be negative"),
+    ]
+    for ok, option, what in checks:
+        if not ok:
+            value = getattr(config, option[2:].replace("-", "_"))
+            raise FoproError(f"{option} {value} {what}")
+    choices = [("method", METHODS), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES)]
+    for name, allowed in choices:
+        if getattr(config, name) not in allowed:
+            raise FoproError(f"--{name} {getattr(config, name)} is not known: choose one of {', '.join(allowed)}")
+    if config.imbalance is not None and not 0 < config.imbalance <= 1:
+        raise FoproError(f"--imbalance {config.imbalance} is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Keys and values of a YAML or TOML config file (safe loaders only: no object construction)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoproError(f"--config {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0]
+        raise FoproError(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from err
+    data = data or {}
+    if not isinstance(data, dict):
+        raise FoproError(f"--config {path} must hold a mapping of option names to values")
+    normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = [k for k in normalised if k not in FIELDS or k == "extra"]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, n=1)) else k for k in unknown]
+        raise FoproError(f"--config {path} has unknown key(s): {', '.join(hints)}")
+    return normalised
+
+
+def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> DistillConfig:
+    """Defaults, overridden by the config file, overridden by options given on the command line."""
+    merged = {**file_values, **cli_values}
+    config = DistillConfig()
+    for key, value in merged.items():
+        setattr(config, key, _coerce(key, value))
+    validate(config)
+    return config
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    default = getattr(DistillConfig(), key)
+    if key == "classes" and isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    if isinstance(value, Path):
+        return str(value)
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(default, int) and not isinstance(value, bool):
+            if float(value) != int(value):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError) as err:
+        raise FoproError(f"option {key} = {value!r} has the wrong type: expected {type(default).__name__}") from err
+    return value
+
+
+def save_config(config: DistillConfig, path: Path) -> None:
+    from fopro.io import write_json
+
+    write_json(path, config.to_dict())
+
+
+def load_run_config(run_dir: Path) -> DistillConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FoproError(f"{path} is missing: --resume needs a run folder written by fopro distill")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FoproError(f"{path} is not valid JSON: the run folder is damaged") from err
+    unknown = [k for k in data if k not in FIELDS]
+    if unknown:
+        raise FoproError(f"{path} has unknown key(s) {', '.join(unknown)}: was it written by another fopro version?")
+    return resolve_config({}, data)

@@ -1,0 +1,59 @@
+"""`fopro distill` as one library call: resolve the options (file, command line, saved run), fill in the
+embedded default when no data and no teacher are given, and train."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fopro.config import DistillConfig, load_run_config, read_config_file, resolve_config
+from fopro.defaults import DEMO_EPOCHS, embedded_default
+from fopro.errors import FoproError
+from fopro.runtime import ProgressFn, no_progress
+from fopro.train import train
+
+DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv")
+
+
+def distill(
+    cli_values: dict[str, Any],
+    config_file: str | Path | None = None,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn = no_progress,
+) -> dict:
+    """Run `fopro distill`. `cli_values` holds only the options given on the command line."""
+    if resume is not None:
+        ignored = sorted(k for k in cli_values if k not in ("device", "workers"))
+        config = load_run_config(Path(resume))
+        for key in ("device", "workers"):
+            if key in cli_values:
+                setattr(config, key, cli_values[key])
+        summary = train(config, Path(resume), resume=True, progress=progress)
+        if ignored:
+            summary["notes"].insert(0, f"--resume uses the run's saved options; ignored: {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+        return summary
+    file_values = read_config_file(config_file) if config_file else {}
+    config = resolve_config(file_values, cli_values)
+    notes: list[str] = []
+    if not any(getattr(config, key) for key in DATA_KEYS) and not config.teacher:
+        config, notes = apply_embedded_default(config, {**file_values, **cli_values}, progress)
+    elif not any(getattr(config, key) for key in DATA_KEYS):
+        raise FoproError("no data given: pass --data ROOT or --train-csv/--val-csv/--test-csv (or neither data nor --teacher for the synthetic demo)")
+    run_dir = Path(config.out) if config.out else Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config.out = str(run_dir)
+    summary = train(config, run_dir, overwrite=overwrite, progress=progress)
+    summary["notes"] = notes + summary["notes"]
+    return summary
+
+
+def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progress: ProgressFn) -> tuple[DistillConfig, list[str]]:
+    """Synthetic target data and the cached demo teacher; a short schedule unless --epochs was given."""
+    default = embedded_default(progress)
+    config.data = str(default.data_root)
+    if config.method != "none":
+        config.teacher = str(default.teacher_checkpoint)
+    if "epochs" not in given:
+        config.epochs = DEMO_EPOCHS
+    return config, default.notes + [f"{config.epochs} epochs at {config.image_size} px on the synthetic data"]

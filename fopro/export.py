@@ -1,0 +1,619 @@
+"""`fopro export --onnx`: the student's inference path as a verified, self-describing ONNX model.
+
+The exported graph is the checkpoint's backbone + classifier (`build_model`), optionally with the
+input scaling/normalisation (uint8 NCHW input) and a softmax inside. Everything needed to use it
+(classes, input size, mean/std, what is inside the graph, provenance) is stored in the model's
+`metadata_props`, so `fopro eval OUT.onnx` works on the file alone (`OnnxPredictor`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fopro import __version__
+from fopro.checkpoint import CheckpointMeta, build_model, file_sha256, sidecar
+from fopro.data import DataOptions, checked_dataset, load_splits
+from fopro.errors import FoproError
+from fopro.io import atomic_path
+from fopro.preprocess import Preprocess
+from fopro.runtime import ProgressFn, no_progress
+
+FORMAT = "fopro-onnx"
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 17
+MIN_OPSET = 11
+MIN_INT8_OPSET = 13  # per-channel QDQ (axis on QuantizeLinear/DequantizeLinear)
+FP32_MAX_DIFF = 1e-3
+INPUT_LAYOUT = "NCHW"
+CHECK_SPLITS = ("val", "test", "train")
+CALIBRATION_SPLITS = ("train", "val")
+LATENCY_BATCHES = (1, 32)
+CALIBRATION_BATCH = 16
+
+
+@dataclass
+class ExportOptions:
+    """How to export: graph contents, batch axis, precision, and the verification to run."""
+
+    opset: int = DEFAULT_OPSET
+    batch: int | None = None  # None: dynamic batch axis; N: the graph accepts exactly N images
+    include_preprocess: bool = False
+    softmax: bool = False
+    fp16: bool = False
+    int8: bool = False
+    calibration_images: int = 200
+    check: bool = True
+    check_images: int = 64
+    latency_repeats: int = 10
+    latency_warmup: int = 2
+    seed: int = 0
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+    def validate(self, data: DataOptions | None) -> None:
+        max_opset = _max_opset()
+        if not MIN_OPSET <= self.opset <= max_opset:
+            raise FoproError(f"--opset {self.opset} is not supported: choose an opset from {MIN_OPSET} to {max_opset} (default {DEFAULT_OPSET})")
+        if self.batch is not None and self.batch <= 0:
+            raise FoproError(f"--batch {self.batch} must be 'dynamic' or a positive number of images")
+        if self.fp16 and self.int8:
+            raise FoproError("--fp16 and --int8 exclude each other: choose one precision")
+        if self.int8 and (data is None or not data.given()):
+            raise FoproError(
+                "--int8 calibration needs data options: pass --data ROOT (or --train-csv/--val-csv with --images) "
+                "so the quantiser can see real images"
+            )
+        if self.int8 and self.opset < MIN_INT8_OPSET:
+            raise FoproError(f"--int8 needs --opset {MIN_INT8_OPSET} or later (per-channel quantisation); got {self.opset}")
+        if self.calibration_images <= 0:
+            raise FoproError(f"--calibration-images {self.calibration_images} must be greater than 0")
+        if self.check_images <= 0 or self.latency_repeats <= 0 or self.latency_warmup < 0:
+            raise FoproError("the check needs at least one image and one latency repetition")
+
+
+def _max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except ImportError:  # private constant moved: the exporter still validates the opset itself
+        return 20
+
+
+# --- the graph -------------------------------------------------------------------------------------
+
+
+class ExportWrapper(nn.Module):
+    """Student + optional input preprocessing (uint8 -> /255 -> mean/std) + optional softmax."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, include_preprocess: bool, softmax: bool):
+        super().__init__()
+        self.model = model
+        self.include_preprocess = include_preprocess
+        self.softmax = softmax
+        self.register_buffer("mean", torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.include_preprocess:
+            x = (x.to(torch.float32) / 255.0 - self.mean) / self.std
+        out = self.model(x)
+        return torch.softmax(out, dim=1) if self.softmax else out
+
+
+def graph_input(raw: torch.Tensor, preprocess: Preprocess, include_preprocess: bool) -> np.ndarray:
+    """Raw [0, 1] images -> what the exported graph takes: uint8 0-255, or float32 normalised."""
+    raw = preprocess.resize(raw.float())
+    if include_preprocess:
+        return (raw * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return np.ascontiguousarray(preprocess(raw).numpy().astype(np.float32))
+
+
+def _names(softmax: bool) -> tuple[str, str]:
+    return "images", "probabilities" if softmax else "logits"
+
+
+def _torch_export(wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportOptions, path: Path) -> None:
+    input_name, output_name = _names(options.softmax)
+    batch = options.batch or 2
+    shape = (batch, 3, meta.image_size, meta.image_size)
+    if options.include_preprocess:
+        example = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(options.seed))
+    else:
+        example = torch.randn(shape, generator=torch.Generator().manual_seed(options.seed))
+    dynamic = None if options.batch else {input_name: {0: "batch"}, output_name: {0: "batch"}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the TorchScript exporter is deprecated but is the one that works here; silence only that notice
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=options.opset,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
+    except RuntimeError as err:  # OnnxExporterError and UnsupportedOperatorError are RuntimeErrors
+        raise FoproError(
+            f"{meta.arch} cannot be exported to ONNX opset {options.opset} ({_first_line(err)}): "
+            f"try another --opset (up to {_max_opset()})"
+        ) from err
+
+
+def metadata_props(meta: CheckpointMeta, options: ExportOptions, source: Path, sha256: str) -> dict[str, str]:
+    """The string key/values stored in the model; `OnnxPredictor` reads them back."""
+    input_name, output_name = _names(options.softmax)
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "classes": json.dumps(meta.classes),
+        "num_classes": str(meta.num_classes),
+        "image_size": str(meta.image_size),
+        "mean": json.dumps(list(meta.mean)),
+        "std": json.dumps(list(meta.std)),
+        "preprocess_included": json.dumps(options.include_preprocess),
+        "softmax_included": json.dumps(options.softmax),
+        "input_name": input_name,
+        "output_name": output_name,
+        "input_dtype": "uint8" if options.include_preprocess else "float32",
+        "input_range": "0-255" if options.include_preprocess else "normalised with mean/std",
+        "input_layout": INPUT_LAYOUT,
+        "batch": "dynamic" if options.batch is None else str(options.batch),
+        "precision": options.precision,
+        "opset": str(options.opset),
+        "arch": meta.arch,
+        "train_counts": json.dumps(meta.train_counts),
+        "source_checkpoint": source.name,
+        "source_sha256": sha256,
+        "fopro_version": __version__,
+    }
+
+
+def _set_metadata(model: Any, props: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(model, props)
+    model.producer_name = "fopro"
+    model.producer_version = __version__
+    model.doc_string = f"fopro student {props['arch']} ({props['num_classes']} classes), exported from {props['source_checkpoint']}"
+
+
+# --- data for the check and the calibration --------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    images: torch.Tensor  # raw [0, 1] (N, 3, S, S)
+    labels: np.ndarray | None
+    source: str
+
+
+def sample_images(
+    data: DataOptions, meta: CheckpointMeta, splits: tuple[str, ...], limit: int, seed: int
+) -> Sample:
+    """Up to `limit` images (seeded choice) of the first present split in `splits`, decoded and checked."""
+    loaded = load_splits(data, splits=splits, classes=meta.classes)
+    split = next((s for s in splits if s in loaded and len(loaded[s]) > 0), None)
+    if split is None:
+        raise FoproError(f"no images in the {'/'.join(splits)} split(s) of {data.describe()}: add images or give another split")
+    manifest = loaded[split]
+    indices = list(range(len(manifest)))
+    if len(indices) > limit:
+        indices = sorted(np.random.default_rng(seed).choice(len(manifest), size=limit, replace=False).tolist())
+    dataset = checked_dataset(manifest.subset(indices), meta.image_size, data.skip_bad_images)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return Sample(images, np.asarray(dataset.manifest.labels), f"{len(dataset)} {split} images of {data.describe()}")
+
+
+def random_sample(meta: CheckpointMeta, limit: int, seed: int) -> Sample:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (limit, 3, meta.image_size, meta.image_size)
+    images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).float() / 255.0
+    return Sample(images, None, f"{limit} seeded random images (no data options given)")
+
+
+# --- onnxruntime -----------------------------------------------------------------------------------
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented", "RuntimeException")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, OSError, ValueError)
+
+
+def open_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except _ort_errors() as err:
+        raise FoproError(f"{path} cannot be loaded by onnxruntime ({_first_line(err)}): it is not a valid ONNX model; export it again") from err
+
+
+def run_batched(session: Any, feed: np.ndarray, fixed_batch: int | None, chunk: int = 32) -> np.ndarray:
+    """Run `feed` through the session; with a fixed batch the last chunk is padded and trimmed."""
+    name = session.get_inputs()[0].name
+    step = fixed_batch or chunk
+    outputs = []
+    for start in range(0, len(feed), step):
+        part = feed[start : start + step]
+        n = len(part)
+        if fixed_batch and n < fixed_batch:
+            part = np.concatenate([part, np.repeat(part[:1], fixed_batch - n, axis=0)])
+        outputs.append(session.run(None, {name: part})[0][:n])
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _fixed_batch(session: Any) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1000.0 * statistics.median(times), 4)
+
+
+def measure_latency(
+    session: Any, wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportOptions, batches: tuple[int, ...]
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds per call of PyTorch eager (CPU) and onnxruntime (CPU), per batch size."""
+    name = session.get_inputs()[0].name
+    result = {}
+    generator = torch.Generator().manual_seed(options.seed + 1)
+    for batch in batches:
+        raw = torch.randint(0, 256, (batch, 3, meta.image_size, meta.image_size), generator=generator).float() / 255.0
+        feed = graph_input(raw, meta.preprocess, options.include_preprocess)
+        tensor = torch.from_numpy(feed)
+
+        def torch_call() -> None:
+            with torch.inference_mode():
+                wrapper(tensor)
+
+        result[f"batch_{batch}"] = {
+            "batch": batch,
+            "pytorch_ms": _median_ms(torch_call, options.latency_warmup, options.latency_repeats),
+            "onnxruntime_ms": _median_ms(lambda: session.run(None, {name: feed}), options.latency_warmup, options.latency_repeats),
+        }
+    return result
+
+
+@torch.no_grad()
+def torch_outputs(model: nn.Module, meta: CheckpointMeta, images: torch.Tensor, softmax: bool, chunk: int = 32) -> np.ndarray:
+    """The PyTorch student's logits (or probabilities) on raw images, through the reference preprocessing."""
+    outputs = []
+    for start in range(0, len(images), chunk):
+        out = model(meta.preprocess(images[start : start + chunk]))
+        outputs.append(torch.softmax(out, dim=1) if softmax else out)
+    return torch.cat(outputs).float().numpy()
+
+
+def compare(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
+    return {
+        "max_abs_diff": float(np.abs(reference - exported).max()),
+        "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).mean()),
+    }
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    out: str | Path,
+    options: ExportOptions = ExportOptions(),
+    data: DataOptions | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict:
+    """Export a checkpoint's inference path to `out` (.onnx), verify it, and return the JSON-ready report.
+
+    The file appears only once it is complete and (with `options.check`) verified: a float32 export that
+    disagrees with the PyTorch student raises FoproError and leaves nothing at `out`.
+    """
+    import onnx
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise FoproError(f"--onnx {out} must end in .onnx (fopro eval recognises ONNX models by the suffix)")
+    if out.is_dir():
+        raise FoproError(f"--onnx {out} is a folder: give a file path ending in .onnx")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise FoproError(f"cannot write --onnx {out}: {blocking} is a file, not a folder; choose a writable output path")
+    options.validate(data)
+    steps = 2 + options.int8 + options.check
+    progress("exporting", 0, steps)
+    model, meta = build_model(checkpoint)
+    model = model.cpu().eval()
+    weights_path, _ = sidecar(checkpoint)
+    sha256 = file_sha256(weights_path)
+    wrapper = ExportWrapper(model, meta.preprocess, options.include_preprocess, options.softmax).eval()
+    have_data = data is not None and data.given()
+    # read the data first: a data mistake should fail before minutes of export/quantisation
+    calibration = sample_images(data, meta, CALIBRATION_SPLITS, options.calibration_images, options.seed) if options.int8 else None
+    check_sample = None
+    if options.check:
+        check_sample = sample_images(data, meta, CHECK_SPLITS, options.check_images, options.seed) if have_data else random_sample(
+            meta, options.check_images, options.seed
+        )
+    props = metadata_props(meta, options, weights_path, sha256)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256,
+        "onnx": str(out),
+        "arch": meta.arch,
+        "precision": options.precision,
+        "opset": options.opset,
+        "batch": "dynamic" if options.batch is None else options.batch,
+        "input": {
+            "name": props["input_name"],
+            "dtype": props["input_dtype"],
+            "layout": INPUT_LAYOUT,
+            "shape": [options.batch or "batch", 3, meta.image_size, meta.image_size],
+            "preprocess_included": options.include_preprocess,
+        },
+        "output": {"name": props["output_name"], "softmax_included": options.softmax, "num_classes": meta.num_classes},
+        "metadata": props,
+        "options": asdict(options),
+        "notes": [],
+    }
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(prefix="fopro-export-") as work:
+        fp32_path = Path(work) / "fp32.onnx"
+        _torch_export(wrapper, meta, options, fp32_path)
+        progress("exporting", 1, steps)
+        float_model = onnx.load(str(fp32_path))
+        _set_metadata(float_model, props)
+        report["fp32_size_bytes"] = fp32_path.stat().st_size
+        if options.fp16:
+            final = _to_fp16(float_model, meta)
+        elif options.int8:
+            final = _quantize(fp32_path, Path(work), props, calibration, meta, options)
+            report["int8_accuracy"] = _int8_accuracy(final, Path(work), model, meta, calibration, options)
+            progress("exporting", 2, steps)
+        else:
+            final = float_model
+        _set_metadata(final, props)
+        try:
+            onnx.checker.check_model(final, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+            raise FoproError(f"the exported {meta.arch} graph fails the ONNX checker ({_first_line(err)}): try another --opset") from err
+        try:
+            onnx.save(final, str(tmp))
+        except OSError as err:
+            raise FoproError(f"cannot write {out}: {err.strerror}; choose a writable output path with free space") from err
+        report["size_bytes"] = tmp.stat().st_size
+        if options.check and check_sample is not None:
+            report["check"] = _check(tmp, model, wrapper, meta, options, check_sample)
+        progress("exporting", steps, steps)
+    report["sha256"] = file_sha256(out)
+    if options.fp16:
+        report["notes"].append(
+            "float16 targets GPUs (onnxruntime CUDA/TensorRT providers); on the CPU it runs through casts and is usually slower than float32"
+        )
+    if options.int8:
+        report["notes"].append("int8 speed on the CPU depends on its int8 instructions (AVX-512 VNNI / AMX); compare the latencies above")
+    return report
+
+
+def _check(path: Path, model: nn.Module, wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportOptions, sample: Sample) -> dict:
+    session = open_session(path)
+    feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
+    exported = run_batched(session, feed, options.batch)
+    reference = torch_outputs(model, meta, sample.images, options.softmax)
+    result: dict[str, Any] = {"images": len(feed), "source": sample.source, "output": "probabilities" if options.softmax else "logits"}
+    result.update(compare(reference, exported))
+    if sample.labels is not None:
+        result["accuracy_pytorch"] = float((reference.argmax(1) == sample.labels).mean())
+        result["accuracy_onnx"] = float((exported.argmax(1) == sample.labels).mean())
+    strict = options.precision == "fp32"
+    result["passed"] = result["top1_agreement"] >= 1.0 and result["max_abs_diff"] <= FP32_MAX_DIFF if strict else None
+    if strict and not result["passed"]:
+        raise FoproError(
+            f"the exported model disagrees with the PyTorch student on {sample.source} "
+            f"(max |diff| {result['max_abs_diff']:.3g} > {FP32_MAX_DIFF:g} or top-1 agreement "
+            f"{100 * result['top1_agreement']:.1f}% < 100%): nothing was written; try another --opset and report the architecture"
+        )
+    batches = LATENCY_BATCHES if options.batch is None else (options.batch,)
+    result["latency"] = measure_latency(session, wrapper, meta, options, batches)
+    result["latency_repeats"] = options.latency_repeats
+    return result
+
+
+def _to_fp16(float_model: Any, meta: CheckpointMeta) -> Any:
+    """float16 weights and computation, float32 (or uint8) inputs and outputs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    try:
+        model = convert_float_to_float16(float_model, keep_io_types=True)
+        # the converter appends the input casts at the end of the node list: restore topological order
+        OnnxModel.graph_topological_sort(model.graph)
+    except (RuntimeError, ValueError) as err:
+        raise FoproError(f"float16 conversion of {meta.arch} failed ({_first_line(err)}): export without --fp16") from err
+    return model
+
+
+class CalibrationReader:
+    """An onnxruntime.quantization.CalibrationDataReader (it checks `get_next` by duck typing) over graph inputs."""
+
+    def __init__(self, input_name: str, feed: np.ndarray, batch: int | None):
+        self.input_name = input_name
+        self.batches = []
+        step = batch or CALIBRATION_BATCH
+        for start in range(0, len(feed), step):
+            part = feed[start : start + step]
+            if batch and len(part) < batch:  # a fixed batch: pad the last one with copies of its first image
+                part = np.concatenate([part, np.repeat(part[:1], batch - len(part), axis=0)])
+            self.batches.append(part)
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return {self.input_name: self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample, meta: CheckpointMeta, options: ExportOptions) -> Any:
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
+    reader = CalibrationReader(props["input_name"], feed, options.batch)
+    int8_path = work / "int8.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice ("run pre-processing") through the root logger
+    try:
+        quantize_static(
+            str(fp32_path),
+            str(int8_path),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    except _ort_errors() as err:
+        raise FoproError(f"int8 quantisation of {meta.arch} failed ({_first_line(err)}): export without --int8, or try --fp16") from err
+    finally:
+        root.setLevel(level)
+    return onnx.load(str(int8_path))
+
+
+def _int8_accuracy(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:
+    """Top-1 agreement of the int8 model with the float model, and both accuracies, on the calibration images."""
+    import onnx
+
+    path = work / "int8_check.onnx"
+    onnx.save(final, str(path))
+    session = open_session(path)
+    feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
+    quantised = run_batched(session, feed, options.batch)
+    reference = torch_outputs(model, meta, sample.images, options.softmax)
+    result: dict[str, Any] = {"images": len(feed), "source": sample.source}
+    result.update(compare(reference, quantised))
+    accuracy_float = float((reference.argmax(1) == sample.labels).mean())
+    accuracy_int8 = float((quantised.argmax(1) == sample.labels).mean())
+    result.update(accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, accuracy_change=accuracy_int8 - accuracy_float)
+    return result
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+# --- loading an exported model ---------------------------------------------------------------------
+
+
+def read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """Parse and validate the fopro metadata of an .onnx file."""
+    if raw.get("format") != FORMAT:
+        raise FoproError(
+            f"{path} has no fopro metadata (metadata_props 'format' is {raw.get('format')!r}): "
+            "export the model with `fopro export CHECKPOINT --onnx OUT.onnx`"
+        )
+
+    def get(key: str) -> Any:
+        if key not in raw:
+            raise FoproError(f"{path}: the fopro metadata lacks '{key}': export the model again with fopro")
+        try:
+            return json.loads(raw[key])
+        except json.JSONDecodeError as err:
+            raise FoproError(f"{path}: the fopro metadata '{key}' is not valid JSON: export the model again with fopro") from err
+
+    version = get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FoproError(f"{path}: fopro ONNX format version {version!r} is not supported by fopro {__version__}: update fopro")
+    classes = get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise FoproError(f"{path}: the fopro metadata 'classes' must be a non-empty list of names: export the model again")
+    size = get("image_size")
+    mean, std = get("mean"), get("std")
+    if not isinstance(size, int) or size <= 0:
+        raise FoproError(f"{path}: the fopro metadata 'image_size' must be a positive integer: export the model again")
+    for key, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+            raise FoproError(f"{path}: the fopro metadata '{key}' must be a list of 3 numbers: export the model again")
+    counts = get("train_counts")
+    if counts is not None and (not isinstance(counts, list) or len(counts) != len(classes)):
+        raise FoproError(f"{path}: the fopro metadata 'train_counts' must list one count per class: export the model again")
+    return {
+        "classes": classes,
+        "image_size": size,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "preprocess_included": bool(get("preprocess_included")),
+        "softmax_included": bool(get("softmax_included")),
+        "train_counts": None if counts is None else [int(c) for c in counts],
+        "arch": raw.get("arch", "?"),
+        "precision": raw.get("precision", "fp32"),
+    }
+
+
+class OnnxPredictor:
+    """A `fopro.evaluate.Predictor` over an exported .onnx file, run by onnxruntime on the CPU."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FoproError(f"{path} does not exist: give an .onnx file written by `fopro export`")
+        self.path = path
+        self.session = open_session(path)
+        self.meta = read_metadata(path, self.session.get_modelmeta().custom_metadata_map)
+        self.classes: list[str] = self.meta["classes"]
+        self.train_counts: list[int] | None = self.meta["train_counts"]
+        self.preprocess = Preprocess(self.meta["image_size"], tuple(self.meta["mean"]), tuple(self.meta["std"]))
+        self.batch = _fixed_batch(self.session)
+        outputs = self.session.get_outputs()[0].shape
+        if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(self.classes)):
+            raise FoproError(f"{path}: the graph's output {outputs} does not match the {len(self.classes)} classes of its metadata")
+        inside = [name for name, key in (("preprocessing", "preprocess_included"), ("softmax", "softmax_included")) if self.meta[key]]
+        self.description = (
+            f"ONNX model {path} ({self.meta['arch']}, {self.meta['precision']}"
+            + (f", with {' and '.join(inside)} inside" if inside else "")
+            + ")"
+        )
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        feed = graph_input(images.cpu(), self.preprocess, self.meta["preprocess_included"])
+        try:
+            out = run_batched(self.session, feed, self.batch)
+        except _ort_errors() as err:
+            raise FoproError(f"{self.path} failed to run ({_first_line(err)}): export the model again") from err
+        if self.meta["softmax_included"]:
+            return out
+        return torch.softmax(torch.from_numpy(out).float(), dim=1).numpy()

@@ -1,0 +1,933 @@
+"""`fopro probe`: a frozen teacher's frequency preferences on the user's data, and what a learned FPG does.
+
+The probe (``run_probe``)
+    Radial bands over the normalised frequency radius (fraction of Nyquist, see :mod:`fopro.fourier`) split
+    into ``bands`` rings, the same for every colour channel. For each band and gain the band's amplitude is
+    scaled on the raw [0, 1] image with :func:`fopro.fourier.scale_band` (0 removes the band, < 1 diminishes,
+    > 1 amplifies; the phase is kept; the result is clamped to [0, 1]). Gain 1 is the identity: the clean image
+    is used as is and its embeddings are reused. Images are loaded at the teacher's input size (so its
+    preprocessing does not resample them after the transform). For the clean images and every (band, gain):
+
+    * sensitivity: mean cosine similarity of the teacher's embeddings to the clean embeddings;
+    * discriminability: balanced accuracy of a nearest-class-mean (NCM, ``balanced_accuracy``) and of a k-NN
+      classifier (``knn_balanced_accuracy``, cosine, k = 5 or fewer for tiny classes) under stratified k-fold
+      cross-validation (5 folds or fewer for tiny classes, the same folds for every condition). In each fold the
+      embeddings are centred on the training mean and L2-normalised (CL2N); NCM predicts the class mean at the
+      smallest Euclidean distance, k-NN the majority of the k most cosine-similar training images (ties: the
+      lowest class index). Both are computed overall and on the tail classes (mean recall of the tail classes).
+
+    Tail classes are those with fewer than ``tail_threshold`` images in the TRAINING split (``assign_group``,
+    after ``--imbalance`` subsampling). Without a train split the tail metrics are null and a note says why
+    (no guess from the probed split, whose counts are often balanced).
+
+    The preference: per band, the best amplifying gain (> 1), the removal (gain 0, or the smallest gain < 1
+    probed) and the best diminishing gain (< 1), with their balanced-accuracy deltas vs clean and the standard
+    error of each delta (paired, per image: the same images and folds are scored clean and transformed). A
+    change counts only when it exceeds max(``min_effect`` = 1 point, 2 standard errors); smaller ones are noise.
+
+The learned FPG (``probe_fpg``)
+    Loads ``RUN_DIR/fpg.safetensors`` with ``RUN_DIR/config.json``, averages its mask over the probed images
+    (2-D, and its radial profile: the mean mask per band) and compares it with an earlier probe's preference.
+
+``band_gains_from_probe`` turns a probe.json into per-band gains for ``fopro distill --probe-init``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fopro.data import DataOptions, Manifest, checked_dataset, load_splits
+from fopro.data.sources import SPLITS
+from fopro.errors import FoproError
+from fopro.fourier import amplitude_phase, band_edges, band_masks, fftshift2, scale_band
+from fopro.fpg import FPG_MODES, FourierPromptGenerator
+from fopro.io import write_json
+from fopro.metrics import assign_group, confusion_matrix, group_definitions, per_class_recall
+from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
+from fopro.runtime import ProgressFn, no_progress, resolve_device
+
+__all__ = [
+    "ProbeOptions",
+    "run_probe",
+    "probe_fpg",
+    "load_run_fpg",
+    "read_run_config",
+    "band_gains_from_probe",
+    "parse_bands",
+    "parse_gains",
+    "probe_transform",
+    "stratified_folds",
+    "knn_neighbours",
+    "cross_val_predictions",
+    "discriminability",
+]
+
+FORMAT = "fopro-probe/1"
+FPG_FORMAT = "fopro-probe-fpg/1"
+DEFAULT_GAINS = (0.0, 0.5, 2.0)
+MAX_BANDS = 64
+MAX_GAIN = 100.0
+MAX_DEFAULT_IMAGE_SIZE = 224
+MIN_DEFAULT_IMAGE_SIZE = 16
+#: |mean mask - 1| below this counts as "unchanged" in the FPG's radial profile.
+UNCHANGED_TOLERANCE = 0.01
+RUN_CONFIG = "config.json"
+RUN_FPG = "fpg.safetensors"
+
+
+@dataclass
+class ProbeOptions:
+    """What to probe and how; ``bands`` and ``gains`` may also be given as CLI text ("8", "0,0.5,2")."""
+
+    split: str = "val"
+    bands: int | str = 8
+    log_bands: bool = False
+    gains: Sequence[float] | str = DEFAULT_GAINS
+    per_class: int = 50
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    head_threshold: int = 100
+    tail_threshold: int = 20
+    folds: int = 5
+    neighbours: int = 5
+    min_effect: float = 0.01
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def parse_bands(value: int | str) -> int:
+    """The number of bands, from an int or CLI text; FoproError naming --bands otherwise."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("+").isdigit():
+        raise FoproError(f"--bands must be a whole number >= 1 (got {text!r}); pass e.g. --bands 8")
+    bands = int(text)
+    if not 1 <= bands <= MAX_BANDS:
+        raise FoproError(f"--bands must be between 1 and {MAX_BANDS} (got {bands}); pass e.g. --bands 8")
+    return bands
+
+
+def parse_gains(value: Sequence[float] | str) -> list[float]:
+    """Sorted distinct gains >= 0 from a list or CLI text "0,0.5,2"; FoproError naming --gains otherwise."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    hint = "pass comma-separated numbers >= 0, e.g. --gains 0,0.5,2"
+    if not items or all(str(item).strip() == "" for item in items):
+        raise FoproError(f"--gains is empty: {hint}")
+    gains = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            gain = float(text)
+        except ValueError:
+            raise FoproError(f"--gains: {text!r} is not a number: {hint}") from None
+        if isinstance(item, bool) or text == "" or not math.isfinite(gain):
+            raise FoproError(f"--gains: {text!r} is not a finite number: {hint}")
+        if gain < 0:
+            raise FoproError(f"--gains: {text} is negative (an amplitude gain is >= 0; 0 removes the band): {hint}")
+        if gain > MAX_GAIN:
+            raise FoproError(f"--gains: {text} is above {MAX_GAIN:g}: amplify by at most {MAX_GAIN:g}x")
+        gains.append(gain)
+    return sorted(set(gains))
+
+
+def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], list[float]]:
+    """Validate the options; return the band edges and the gains."""
+    if options.split not in SPLITS:
+        raise FoproError(f"--split {options.split!r} is not a split: use {', '.join(SPLITS)}")
+    edges = band_edges(parse_bands(options.bands), log=bool(options.log_bands))
+    gains = parse_gains(options.gains)
+    for value, option, minimum in ((options.per_class, "--per-class", 2), (options.batch_size, "--batch-size", 1),
+                                   (options.folds, "folds", 2), (options.neighbours, "neighbours", 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise FoproError(f"{option} must be a whole number >= {minimum} (got {value!r})")
+    if options.tail_threshold > options.head_threshold:
+        raise FoproError(
+            f"--tail-threshold {options.tail_threshold} is above --head-threshold {options.head_threshold}: choose tail <= head"
+        )
+    return edges, gains
+
+
+def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> None:
+    """Every band must hold at least one frequency of a size x size image."""
+    counts = band_masks(size, size, edges).sum(dim=(1, 2))
+    for index, count in enumerate(counts.tolist()):
+        if count == 0:
+            low, high = edges[index]
+            hint = "use fewer bands" + (" or linear bands (no --log-bands)" if log else "")
+            raise FoproError(
+                f"--bands {len(edges)}{' --log-bands' if log else ''}: band {index} ({low:.3f}-{high:.3f} of Nyquist) "
+                f"holds no frequency of a {size}-px image: {hint}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def probe_transform(x: torch.Tensor, edges: Sequence[Sequence[float]], band: int, gain: float) -> torch.Tensor:
+    """The probe's image transform: ``fourier.scale_band``; gain 1 returns ``x`` itself (the clean image)."""
+    if float(gain) == 1.0:
+        return x
+    return scale_band(x, edges, band, float(gain))
+
+
+def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[int]:
+    """At most ``per_class`` indices of each class, drawn with ``default_rng([seed, class])``; sorted."""
+    labels = np.asarray(labels, dtype=np.int64)
+    keep: list[int] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) > per_class:
+            members = np.random.default_rng([seed, int(c)]).choice(members, per_class, replace=False)
+        keep.extend(int(i) for i in members)
+    return sorted(keep)
+
+
+def native_image_size(manifest: Manifest) -> int:
+    """The shorter side of the split's first readable image, within [16, 224] (the default probe size)."""
+    for path in manifest.paths[:5]:
+        try:
+            with Image.open(path) as image:
+                side = min(image.size)
+        except (OSError, ValueError, SyntaxError):
+            continue
+        return max(MIN_DEFAULT_IMAGE_SIZE, min(MAX_DEFAULT_IMAGE_SIZE, int(side)))
+    return MAX_DEFAULT_IMAGE_SIZE
+
+
+def load_probe_images(
+    manifest: Manifest, size: int, options: ProbeOptions, skip_bad_images: bool
+) -> tuple[torch.Tensor, np.ndarray, Manifest]:
+    """The capped, seeded selection of the split as uint8 (N, 3, size, size), its labels and its manifest."""
+    subset = manifest.subset(select_per_class(manifest.labels, options.per_class, options.seed))
+    dataset = checked_dataset(subset, size, skip_bad_images)
+    if len(dataset) == 0:
+        raise FoproError(f"no readable image in the {manifest.split} split: check the data or pick another --split")
+    images = torch.stack([dataset.raw(i) for i in range(len(dataset))])
+    return images, np.asarray(dataset.manifest.labels, dtype=np.int64), dataset.manifest
+
+
+def drop_tiny_classes(images: torch.Tensor, labels: np.ndarray, classes: list[str], split: str) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """Leave out classes with fewer than 2 probed images (they cannot be cross-validated); notes say which."""
+    counts = np.bincount(labels, minlength=len(classes))
+    tiny = [c for c in range(len(classes)) if counts[c] == 1]
+    notes = [f"class '{classes[c]}' has a single image in the {split} split: left out of the probe" for c in tiny]
+    if tiny:
+        keep = ~np.isin(labels, tiny)
+        images, labels = images[torch.from_numpy(keep)], labels[keep]
+    if int((np.bincount(labels, minlength=len(classes)) >= 2).sum()) < 2:
+        raise FoproError(
+            f"the probe needs at least 2 classes with 2 or more images in the {split} split: "
+            "add images or pick another --split"
+        )
+    return images, labels, notes
+
+
+def band_energy(images: torch.Tensor, edges: Sequence[Sequence[float]], batch_size: int) -> list[float]:
+    """Fraction of the spectral energy (|fft2|^2, DC term excluded, all channels) in each band, over all images."""
+    size = images.shape[-1]
+    masks = band_masks(size, size, edges).to(torch.float64)
+    masks[:, 0, 0] = 0.0
+    total = torch.zeros(len(edges), dtype=torch.float64)
+    for start in range(0, len(images), batch_size):
+        amplitude, _ = amplitude_phase(images[start : start + batch_size].to(torch.float64) / 255.0)
+        power = amplitude.pow(2).sum(dim=(0, 1))
+        total += (masks * power).sum(dim=(1, 2))
+    denominator = float(total.sum())
+    return [float(v) / denominator if denominator > 0 else 0.0 for v in total]
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+@torch.no_grad()
+def embed(
+    teacher: Teacher,
+    images: torch.Tensor,
+    transform: Any,
+    batch_size: int,
+    device: torch.device,
+    report: ProgressFn,
+) -> np.ndarray:
+    """Teacher embeddings (N, D) float64 of ``transform(raw images)``, batch by batch; ``report(done)``."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device=device, dtype=torch.float32) / 255.0
+        outputs.append(teacher(transform(x)).float().reshape(len(x), -1).cpu().numpy().astype(np.float64))
+        report("teacher embeddings", start + len(x), len(images))
+    return np.concatenate(outputs)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of cos(a_i, b_i)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
+
+
+# ---------------------------------------------------------------------------------------------- classifiers
+
+
+def stratified_folds(labels: Sequence[int], n_folds: int, seed: int) -> np.ndarray:
+    """Fold id per sample: each class's images shuffled (``default_rng(seed)``) and dealt round-robin.
+
+    The dealing continues from class to class so that fold sizes differ by at most one.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        folds[members] = (np.arange(len(members)) + offset) % n_folds
+        offset += len(members)
+    return folds
+
+
+def fold_count(labels: np.ndarray, folds: int) -> int:
+    """min(``folds``, the smallest class's count), at least 2."""
+    present = np.bincount(labels)
+    return max(2, min(folds, int(present[present > 0].min())))
+
+
+def knn_neighbours(labels: np.ndarray, n_folds: int, neighbours: int) -> int:
+    """k for k-NN: ``neighbours``, or fewer so that k never exceeds the smallest class's training images in a fold."""
+    present = np.bincount(labels)
+    smallest = int(present[present > 0].min())
+    return max(1, min(neighbours, smallest - math.ceil(smallest / n_folds)))
+
+
+def cl2n(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre both on the training mean, then L2-normalise each row."""
+    mean = train.mean(axis=0, keepdims=True)
+
+    def normalise(x: np.ndarray) -> np.ndarray:
+        x = x - mean
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return normalise(train), normalise(test)
+
+
+def ncm_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """The class whose training mean is nearest (Euclidean); ties go to the lowest class index."""
+    classes = np.unique(train_labels)
+    means = np.stack([train[train_labels == c].mean(axis=0) for c in classes])
+    distances = ((test[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
+    return classes[np.argmin(distances, axis=1)]
+
+
+def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
+    """Majority class of the k most cosine-similar training rows; ties go to the lowest class index."""
+    classes = np.unique(train_labels)
+    similarity = test @ train.T / np.maximum(
+        np.linalg.norm(test, axis=1, keepdims=True) * np.linalg.norm(train, axis=1)[None, :], 1e-12
+    )
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    index = np.searchsorted(classes, train_labels[nearest])
+    votes = np.zeros((len(test), len(classes)), dtype=np.int64)
+    np.add.at(votes, (np.arange(len(test))[:, None], index), 1)
+    return classes[np.argmax(votes, axis=1)]
+
+
+def cross_val_predictions(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, method: str, k: int = 5) -> np.ndarray:
+    """Out-of-fold predictions of "ncm" or "knn" on CL2N embeddings (statistics from the training folds only)."""
+    predictions = np.empty(len(labels), dtype=np.int64)
+    for fold in np.unique(folds):
+        test, train = folds == fold, folds != fold
+        x_train, x_test = cl2n(embeddings[train], embeddings[test])
+        if method == "ncm":
+            predictions[test] = ncm_predict(x_train, labels[train], x_test)
+        else:
+            predictions[test] = knn_predict(x_train, labels[train], x_test, k)
+    return predictions
+
+
+def _balanced(labels: np.ndarray, predictions: np.ndarray, num_classes: int, subset: list[int] | None) -> tuple[float | None, list[float | None]]:
+    recalls = per_class_recall(confusion_matrix(labels, predictions, num_classes))
+    chosen = range(num_classes) if subset is None else subset
+    defined = [recalls[c] for c in chosen if recalls[c] is not None]
+    return (float(np.mean(defined)) if defined else None), recalls
+
+
+def discriminability(
+    embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int, num_classes: int, tail: list[int] | None
+) -> dict:
+    """NCM and k-NN balanced accuracy (overall and on the ``tail`` classes) and NCM per-class recall.
+
+    ``_correct`` (NCM right or wrong per image) is for the paired standard errors; it is not reported.
+    """
+    ncm = cross_val_predictions(embeddings, labels, folds, "ncm")
+    knn = cross_val_predictions(embeddings, labels, folds, "knn", k)
+    balanced, recalls = _balanced(labels, ncm, num_classes, None)
+    knn_balanced, _ = _balanced(labels, knn, num_classes, None)
+    return {
+        "balanced_accuracy": balanced,
+        "tail_balanced_accuracy": _balanced(labels, ncm, num_classes, tail)[0] if tail else None,
+        "knn_balanced_accuracy": knn_balanced,
+        "knn_tail_balanced_accuracy": _balanced(labels, knn, num_classes, tail)[0] if tail else None,
+        "per_class_recall": recalls,
+        "_correct": ncm == labels,
+    }
+
+
+def paired_standard_error(labels: np.ndarray, before: np.ndarray, after: np.ndarray, classes: Sequence[int] | None) -> float | None:
+    """Standard error of the change in balanced accuracy from ``before`` to ``after`` (per-image correctness).
+
+    Balanced accuracy is the mean over classes of per-class accuracy, so its paired change is
+    ``mean_c mean_{i in c} d_i`` with ``d_i = after_i - before_i`` and variance ``sum_c var(d | c) / n_c / C^2``.
+    """
+    chosen = sorted(set(labels.tolist())) if classes is None else list(classes)
+    if not chosen:
+        return None
+    diff = after.astype(np.float64) - before.astype(np.float64)
+    variance = 0.0
+    for c in chosen:
+        d = diff[labels == c]
+        if len(d) > 1:
+            variance += float(d.var(ddof=1)) / len(d)
+    return math.sqrt(variance) / len(chosen)
+
+
+# ---------------------------------------------------------------------------------------------- tail classes
+
+
+def tail_classes(splits: Any, classes: list[str], probed: list[int], options: ProbeOptions) -> tuple[dict, list[str]]:
+    """The tail classes by TRAINING counts; null (with a note) without a train split or tail class probed."""
+    definition = group_definitions(options.head_threshold, options.tail_threshold)["tail"]
+    if "train" not in splits:
+        return {"classes": None, "indices": None, "definition": definition, "train_counts": None}, [
+            "no train split: tail classes are defined by training counts, so the tail metrics are null "
+            "(give the train split with the same data options)"
+        ]
+    counts = splits["train"].class_counts()
+    indices = [c for c in probed if assign_group(counts[c], options.head_threshold, options.tail_threshold) == "tail"]
+    info = {"classes": [classes[c] for c in indices], "indices": indices, "definition": definition,
+            "train_counts": dict(zip(classes, counts))}
+    notes = []
+    if not indices:
+        info["classes"] = info["indices"] = None
+        notes.append(f"no probed class is a tail class ({definition}, --tail-threshold): the tail metrics are null")
+    return info, notes
+
+
+# ---------------------------------------------------------------------------------------------- preference
+
+
+def _delta(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else float(value - reference)
+
+
+def _entry(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"gain": row["gain"], "delta": row["delta_balanced_accuracy"], "se": row.get("se_delta_balanced_accuracy"),
+            "tail_delta": row.get("delta_tail_balanced_accuracy"), "knn_delta": row.get("delta_knn_balanced_accuracy"),
+            "cosine": row.get("cosine")}
+
+
+def effect_threshold(entry: dict, min_effect: float) -> float:
+    """An effect counts when |delta| exceeds max(min_effect, 2 standard errors of the paired difference)."""
+    return max(min_effect, 2.0 * (entry.get("se") or 0.0))
+
+
+def band_summary(results: list[dict], band: int) -> dict:
+    """For one band: the best amplifying gain (> 1), the removal (smallest gain < 1) and the best diminishing gain (< 1)."""
+    rows = [r for r in results if r["band"] == band and r["delta_balanced_accuracy"] is not None]
+    up = [r for r in rows if r["gain"] > 1]
+    down = [r for r in rows if r["gain"] < 1]
+    best = lambda candidates: max(candidates, key=lambda r: (r["delta_balanced_accuracy"], -abs(r["gain"] - 1)), default=None)  # noqa: E731
+    return {
+        "amplify": _entry(best(up)),
+        "remove": _entry(min(down, key=lambda r: r["gain"], default=None)),
+        "diminish": _entry(best(down)),
+    }
+
+
+def suggested_gain(summary: dict, min_effect: float) -> float:
+    """The rule of :func:`band_gains_from_probe` for one band (see there)."""
+    helps = [e for e in (summary["amplify"], summary["diminish"]) if e is not None and e["delta"] > effect_threshold(e, min_effect)]
+    if not helps:
+        return 1.0
+    return float(max(helps, key=lambda e: e["delta"])["gain"])
+
+
+def preference(results: list[dict], edges: Sequence[Sequence[float]], min_effect: float) -> dict:
+    """Per-band effects, the bands whose amplification helps / removal hurts / diminishing helps, suggested gains."""
+    per_band = []
+    for band, (low, high) in enumerate(edges):
+        summary = band_summary(results, band)
+        per_band.append({"band": band, "range": [low, high], **summary, "suggested_gain": suggested_gain(summary, min_effect)})
+
+    def ranked(kind: str, sign: int) -> list[dict]:
+        chosen = [{"band": b["band"], "range": b["range"], **b[kind]} for b in per_band
+                  if b[kind] is not None and sign * b[kind]["delta"] > effect_threshold(b[kind], min_effect)]
+        return sorted(chosen, key=lambda e: -sign * e["delta"])
+
+    amplify, remove, diminish = ranked("amplify", 1), ranked("remove", -1), ranked("diminish", 1)
+    return {
+        "metric": "balanced_accuracy (NCM), change vs clean images",
+        "min_effect": min_effect,
+        "effect_rule": "a change counts when |delta| > max(min_effect, 2 x se), se = standard error of the paired "
+                       "per-image change in balanced accuracy",
+        "amplify_helps": amplify,
+        "removal_hurts": remove,
+        "diminish_helps": diminish,
+        "relies_most_on": remove[0]["band"] if remove else None,
+        "best_amplified": amplify[0]["band"] if amplify else None,
+        "suggested_gains": [b["suggested_gain"] for b in per_band],
+        "per_band": per_band,
+    }
+
+
+def _band_text(entry: dict) -> str:
+    low, high = entry["range"]
+    return f"band {entry['band']} ({low:.2f}-{high:.2f} of Nyquist)"
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
+
+
+def verdict_line(teacher: str, clean: dict, pref: dict, gains: list[float]) -> str:
+    """One line: what removing and amplifying bands does to the teacher's class separation."""
+    parts = [f"{teacher}: clean balanced accuracy {100 * clean['balanced_accuracy']:.1f}%"]
+    tail = lambda e: f", tail {_points(e['tail_delta'])}" if e["tail_delta"] is not None else ""  # noqa: E731
+    if not any(g < 1 for g in gains):
+        parts.append("no removal or diminishing gain probed (add 0 to --gains)")
+    elif pref["removal_hurts"]:
+        e = pref["removal_hurts"][0]
+        how = "removing it" if e["gain"] == 0 else f"scaling it x{e['gain']:g}"
+        parts.append(f"relies most on {_band_text(e)}: {how} changes it by {_points(e['delta'])} points{tail(e)}")
+    else:
+        parts.append("no band's removal lowers it beyond the noise")
+    if pref["amplify_helps"]:
+        e = pref["amplify_helps"][0]
+        parts.append(f"amplifying {_band_text(e)} x{e['gain']:g} helps most: {_points(e['delta'])} points{tail(e)}")
+    elif any(g > 1 for g in gains):
+        parts.append("no amplification helps beyond the noise")
+    if pref["diminish_helps"]:
+        e = pref["diminish_helps"][0]
+        how = f"removing {_band_text(e)}" if e["gain"] == 0 else f"diminishing {_band_text(e)} x{e['gain']:g}"
+        parts.append(f"{how} helps: {_points(e['delta'])} points")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- the probe
+
+
+def _load_data(data_options: DataOptions, split: str) -> tuple[Any, Manifest]:
+    wanted = tuple(dict.fromkeys((split, "train")))
+    splits = load_splits(data_options, splits=wanted)
+    manifest = splits.require(split, f"give --{split}-csv or a {split}/ folder, or pick another --split")
+    return splits, manifest
+
+
+def _condition(base: dict, clean: dict, clean_embeddings: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
+               tail: list[int] | None) -> dict:
+    row = {**base, "cosine": mean_cosine(clean_embeddings, embeddings)}
+    for key in ("balanced_accuracy", "tail_balanced_accuracy", "knn_balanced_accuracy", "knn_tail_balanced_accuracy"):
+        row[f"delta_{key}"] = _delta(base[key], clean[key])
+    before, after = clean["_correct"], row.pop("_correct")
+    row["se_delta_balanced_accuracy"] = paired_standard_error(labels, before, after, None)
+    row["se_delta_tail_balanced_accuracy"] = paired_standard_error(labels, before, after, tail) if tail else None
+    return row
+
+
+@dataclass
+class _Probed:
+    """The frozen teacher and the probed images (uint8, at the teacher's input size) with their context."""
+
+    teacher: Teacher
+    images: torch.Tensor
+    labels: np.ndarray
+    classes: list[str]
+    probed: list[int]
+    tail: dict
+    device: torch.device
+    notes: list[str]
+
+
+def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options: ProbeOptions,
+             edges: list[tuple[float, float]], teacher: Teacher | None) -> _Probed:
+    splits, manifest = _load_data(data_options, options.split)
+    notes: list[str] = []
+    native = native_image_size(manifest)
+    if teacher is None:
+        teacher, teacher_notes = load_teacher(teacher_options, native)
+        notes += teacher_notes
+    size = teacher.preprocess.image_size
+    check_bands_fit(edges, size, options.log_bands)
+    device = resolve_device(options.device)
+    images, labels, probed_manifest = load_probe_images(manifest, size, options, data_options.skip_bad_images)
+    images, labels, tiny_notes = drop_tiny_classes(images, labels, splits.classes, options.split)
+    notes += probed_manifest.notes + tiny_notes
+    if native < size and native < MAX_DEFAULT_IMAGE_SIZE:
+        notes.append(f"the images are about {native} px and are upsampled to {size} px: bands above "
+                     f"{native / size:.2f} of Nyquist hold little real content")
+    probed = sorted(int(c) for c in np.unique(labels))
+    tail, tail_notes = tail_classes(splits, splits.classes, probed, options)
+    return _Probed(teacher.to(device), images, labels, splits.classes, probed, tail, device, notes + tail_notes)
+
+
+def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: list[float], options: ProbeOptions,
+                      progress: ProgressFn) -> tuple[dict, list[dict], dict]:
+    """Clean scores, one row per (band, gain) and the evaluation settings; each transform embedded once."""
+    labels, num_classes, tail = data.labels, len(data.classes), data.tail["indices"]
+    n_folds = fold_count(labels, options.folds)
+    folds = stratified_folds(labels, n_folds, options.seed)
+    k = knn_neighbours(labels, n_folds, options.neighbours)
+    passes = 1 + len(edges) * sum(g != 1.0 for g in gains)
+    state = {"done": 0}
+
+    def report(description: str, done: int, _: int) -> None:
+        progress(description, state["done"] + done, passes * len(labels))
+
+    def embeddings_of(transform: Any) -> np.ndarray:
+        out = embed(data.teacher, data.images, transform, options.batch_size, data.device, report)
+        state["done"] += len(labels)
+        return out
+
+    clean_embeddings = embeddings_of(lambda x: x)
+    clean = discriminability(clean_embeddings, labels, folds, k, num_classes, tail)
+    results = []
+    for band in range(len(edges)):
+        for gain in gains:
+            embeddings = clean_embeddings if gain == 1.0 else embeddings_of(
+                lambda x, b=band, g=gain: probe_transform(x, edges, b, g))
+            scores = discriminability(embeddings, labels, folds, k, num_classes, tail)
+            base = {"band": band, "range": list(edges[band]), "gain": gain, **scores}
+            results.append(_condition(base, clean, clean_embeddings, embeddings, labels, tail))
+    evaluation = {
+        "classifiers": "nearest class mean (balanced_accuracy) and k-NN with cosine similarity (knn_balanced_accuracy) "
+                       "on embeddings centred on the training-fold mean and L2-normalised",
+        "cross_validation": "stratified k-fold, the same folds for every condition",
+        "folds": n_folds,
+        "knn_k": k,
+        "tail_metric": "mean recall of the tail classes",
+    }
+    return {key: value for key, value in clean.items() if key != "_correct"}, results, evaluation
+
+
+def _extra_notes(clean: dict, gains: list[float], num_probed: int, min_effect: float) -> list[str]:
+    notes = []
+    if 1.0 in gains:
+        notes.append("gain 1 leaves the images unchanged: its rows repeat the clean scores")
+    chance = 1.0 / num_probed
+    if clean["balanced_accuracy"] is not None and clean["balanced_accuracy"] <= chance + min_effect:
+        notes.append(f"the clean balanced accuracy {100 * clean['balanced_accuracy']:.1f}% is at or below chance "
+                     f"({100 * chance:.0f}%): the teacher's embeddings do not separate these classes, so its "
+                     "band preferences say little (is it a pretrained teacher?)")
+    return notes
+
+
+def run_probe(
+    teacher_options: TeacherOptions,
+    data_options: DataOptions,
+    options: ProbeOptions = ProbeOptions(),
+    out_dir: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+    teacher: Teacher | None = None,
+) -> dict:
+    """Probe the teacher's frequency preferences on one split; returns probe.json's content (written to out_dir).
+
+    ``teacher`` (optional) is an already built frozen Teacher to use instead of loading ``teacher_options``
+    (which then only names it in the report).
+    """
+    edges, gains = check_options(options)
+    data = _prepare(teacher_options, data_options, options, edges, teacher)
+    clean, results, evaluation = _score_conditions(data, edges, gains, options, progress)
+    pref = preference(results, edges, options.min_effect)
+    classes, probed, size = data.classes, data.probed, data.teacher.preprocess.image_size
+    name = teacher_options.teacher
+    result = {
+        "format": FORMAT,
+        "teacher": {"teacher": name, "weights": None if teacher_options.weights is None else str(teacher_options.weights),
+                    "image_size": size, "description": data.teacher.description},
+        "data": data_options.describe(),
+        "split": options.split,
+        "image_size": size,
+        "num_images": int(len(data.labels)),
+        "classes": [classes[c] for c in probed],
+        "class_names": list(classes),
+        "images_per_class": {classes[c]: int((data.labels == c).sum()) for c in probed},
+        "per_class_cap": options.per_class,
+        "seed": options.seed,
+        "bands": [list(e) for e in edges],
+        "band_centres": [(low + high) / 2 for low, high in edges],
+        "log_bands": bool(options.log_bands),
+        "band_energy": band_energy(data.images, edges, options.batch_size),
+        "gains": gains,
+        "evaluation": evaluation,
+        "tail": {key: value for key, value in data.tail.items() if key != "indices"},
+        "clean": _named_recalls(clean, classes, probed),
+        "results": [_named_recalls(row, classes, probed) for row in results],
+        "preference": pref,
+        "verdict": verdict_line(name, clean, pref, gains),
+        "notes": data.notes + _extra_notes(clean, gains, len(probed), options.min_effect),
+    }
+    if out_dir is not None:
+        write_probe(result, Path(out_dir))
+    return result
+
+
+def _named_recalls(scores: dict, classes: list[str], probed: list[int]) -> dict:
+    recalls = scores["per_class_recall"]
+    return {**scores, "per_class_recall": {classes[c]: recalls[c] for c in probed}}
+
+
+def write_probe(result: dict, out_dir: Path) -> dict[str, Path]:
+    """probe.json and probe.png in ``out_dir``, each written atomically."""
+    from fopro.plots import plot_probe
+
+    files = {"json": out_dir / "probe.json", "plot": out_dir / "probe.png"}
+    write_json(files["json"], result)
+    plot_probe(result, files["plot"])
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- probe.json -> gains
+
+
+def read_probe_json(path: str | Path, option: str = "--probe-json") -> dict:
+    """A probe.json written by ``fopro probe``, checked for the keys used here."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoproError(f"{option} {path} does not exist: give the probe.json written by `fopro probe --out DIR`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FoproError(f"{option} {path} is not valid JSON ({err}): give the probe.json written by `fopro probe`") from err
+    if not isinstance(data, dict) or not all(k in data for k in ("bands", "gains", "results")):
+        raise FoproError(f"{option} {path} is not a probe.json (needs 'bands', 'gains' and 'results'): run `fopro probe --out DIR`")
+    try:
+        data["bands"] = [(float(lo), float(hi)) for lo, hi in data["bands"]]
+        for row in data["results"]:
+            row["band"], row["gain"] = int(row["band"]), float(row["gain"])
+            delta = row["delta_balanced_accuracy"]
+            row["delta_balanced_accuracy"] = None if delta is None else float(delta)
+    except (TypeError, ValueError, KeyError) as err:
+        raise FoproError(f"{option} {path} has malformed bands or results ({err}): write it again with `fopro probe`") from err
+    return data
+
+
+def band_gains_from_probe(probe_json_path: str | Path, n_bands: int | None = None) -> tuple[list[tuple[float, float]], list[float]]:
+    """Per-band gains for ``FourierPromptGenerator.init_from_band_gains`` from a probe.json.
+
+    The rule, per probed band, on the NCM balanced accuracy (``delta_balanced_accuracy``, change vs clean):
+    take the best amplifying gain (> 1) and the best diminishing gain (< 1, removal included); of those whose
+    gain beats the noise (delta > max(``min_effect``, 2 x its standard error ``se_delta_balanced_accuracy``)),
+    the band takes the probed gain with the larger delta (> 1 where amplification helped most, < 1 where
+    removing/diminishing did); otherwise 1 (leave the band alone: removal that only HURTS says the teacher
+    needs the band, not that it should be amplified). The FPG clips gains into [1 - 0.95 s, 1 + 0.95 s].
+
+    With ``n_bands`` different from the probe's, bands are rebuilt with ``band_edges(n_bands, log)`` (the
+    probe's spacing) and each new band takes the gain of the probe band holding its centre.
+    """
+    data = read_probe_json(probe_json_path, option="--probe-init")
+    edges = data["bands"]
+    min_effect = float((data.get("preference") or {}).get("min_effect", ProbeOptions.min_effect))
+    gains = [suggested_gain(band_summary(data["results"], band), min_effect) for band in range(len(edges))]
+    if n_bands is None or n_bands == len(edges):
+        return edges, gains
+    new_edges = band_edges(parse_bands(n_bands), log=bool(data.get("log_bands", False)))
+    new_gains = []
+    for low, high in new_edges:
+        centre = (low + high) / 2
+        source = next((i for i, (lo, hi) in enumerate(edges) if lo <= centre < hi), len(edges) - 1)
+        new_gains.append(gains[source])
+    return new_edges, new_gains
+
+
+# ---------------------------------------------------------------------------------------------- learned FPG
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The FPG facts of a `fopro distill` run (its RUN_DIR/config.json): ``fpg`` (mode, strength, hidden),
+    ``image_size`` and ``teacher`` (teacher, weights, image_size)."""
+    from fopro.config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FoproError(f"--fpg {run_dir} is not a folder: give the output folder of a `fopro distill` run")
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise FoproError(f"--fpg {run_dir} has no {RUN_CONFIG}: give the output folder of a `fopro distill` run")
+    config = load_run_config(run_dir)
+    if config.method != "fopro":
+        raise FoproError(f"--fpg {run_dir}: the run used --method {config.method}, which has no Fourier Prompt Generator")
+    return {
+        "fpg": {"mode": config.fpg_mode, "strength": config.fpg_strength, "hidden": config.fpg_hidden},
+        "image_size": config.image_size,
+        "teacher": {"teacher": config.teacher, "weights": config.teacher_weights, "image_size": config.teacher_image_size},
+    }
+
+
+def load_run_fpg(run_dir: str | Path) -> FourierPromptGenerator:
+    """The trained FPG of a distillation run (RUN_DIR/fpg.safetensors + RUN_DIR/config.json), in eval mode."""
+    from fopro.models.weights import read_state_dict
+
+    config = read_run_config(run_dir)
+    path = Path(run_dir) / RUN_FPG
+    if not path.is_file():
+        raise FoproError(f"--fpg {run_dir} has no {RUN_FPG}: the run has not saved its Fourier Prompt Generator yet")
+    spec = config["fpg"]
+    fpg = FourierPromptGenerator(config["image_size"], mode=spec["mode"], strength=float(spec["strength"]),
+                                 hidden=int(spec.get("hidden", 16)))
+    state_dict = read_state_dict(path, option="--fpg")
+    try:
+        fpg.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise FoproError(f"{path} does not match the FPG described in {RUN_CONFIG} ({first}): the run folder is inconsistent") from err
+    return fpg.eval()
+
+
+def radial_profile(mask: torch.Tensor, edges: Sequence[Sequence[float]]) -> list[float]:
+    """Mean of an (H, W) unshifted-grid mask over each band."""
+    h, w = mask.shape[-2:]
+    masks = band_masks(h, w, edges).to(torch.float64)
+    sums = (masks * mask.to(torch.float64)).sum(dim=(1, 2))
+    return [float(v) for v in sums / masks.sum(dim=(1, 2)).clamp(min=1)]
+
+
+def _direction(value: float) -> str:
+    if value > 1 + UNCHANGED_TOLERANCE:
+        return "amplified"
+    if value < 1 - UNCHANGED_TOLERANCE:
+        return "diminished"
+    return "unchanged"
+
+
+@torch.no_grad()
+def fpg_masks(fpg: FourierPromptGenerator, images: torch.Tensor, labels: np.ndarray, num_classes: int,
+              batch_size: int, progress: ProgressFn) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Mean mask (H, W) over all images, per-class mean masks (C, H, W) and per-class counts."""
+    n = fpg.image_size
+    total = torch.zeros(n, n, dtype=torch.float64)
+    per_class = torch.zeros(num_classes, n, n, dtype=torch.float64)
+    label_tensor = torch.from_numpy(labels)
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].float() / 255.0
+        masks = fpg.mask(x).to(torch.float64)[:, 0].expand(len(x), n, n)
+        total += masks.sum(dim=0)
+        per_class.index_add_(0, label_tensor[start : start + batch_size], masks)
+        progress("FPG masks", start + len(x), len(images))
+    counts = np.bincount(labels, minlength=num_classes)
+    per_class /= torch.from_numpy(np.maximum(counts, 1)).to(torch.float64)[:, None, None]
+    return total / len(images), per_class, counts
+
+
+def _compare_with_probe(probe: dict, profile: list[float], run_teacher: str | None) -> tuple[dict, list[str]]:
+    min_effect = float((probe.get("preference") or {}).get("min_effect", ProbeOptions.min_effect))
+    gains = [suggested_gain(band_summary(probe["results"], b), min_effect) for b in range(len(probe["bands"]))]
+    wanted = [(b, "amplified" if g > 1 else "diminished") for b, g in enumerate(gains) if g != 1]
+    agree = [b for b, direction in wanted if _direction(profile[b]) == direction]
+    notes = []
+    probe_teacher = (probe.get("teacher") or {}).get("teacher")
+    if run_teacher and probe_teacher and probe_teacher != run_teacher:
+        notes.append(f"the probe was run on teacher {probe_teacher} but the run distils {run_teacher}: compare with care")
+    comparison = {
+        "teacher": probe_teacher,
+        "split": probe.get("split"),
+        "suggested_gains": gains,
+        "bands_with_preference": [b for b, _ in wanted],
+        "agreeing_bands": agree,
+        "agreement": (len(agree) / len(wanted)) if wanted else None,
+        "verdict": probe.get("verdict"),
+    }
+    return comparison, notes
+
+
+def fpg_verdict(bands: list[dict], comparison: dict | None) -> str:
+    def listed(direction: str) -> str:
+        chosen = [b for b in bands if b["direction"] == direction]
+        return ", ".join(f"band {b['band']} ({b['range'][0]:.2f}-{b['range'][1]:.2f}) x{b['mean_gain']:.2f}" for b in chosen)
+
+    amplified, diminished = listed("amplified"), listed("diminished")
+    parts = [f"the learned FPG amplifies {amplified}" if amplified else "the learned FPG amplifies no band",
+             f"diminishes {diminished}" if diminished else "diminishes no band"]
+    if comparison is not None:
+        if comparison["agreement"] is None:
+            parts.append("the probe had no band preference to compare with")
+        else:
+            parts.append(f"it agrees with the probe on {len(comparison['agreeing_bands'])} of "
+                         f"{len(comparison['bands_with_preference'])} bands the probe had a preference for")
+    return "; ".join(parts)
+
+
+def probe_fpg(
+    run_dir: str | Path,
+    data_options: DataOptions,
+    options: ProbeOptions = ProbeOptions(),
+    out_dir: str | Path | None = None,
+    probe_json: str | Path | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict:
+    """What a trained FPG does to the spectrum on one split; fpg.json and fpg_mask.png in out_dir.
+
+    With ``probe_json`` its bands are used for the radial profile (so the two line up) and the FPG's
+    amplified / diminished bands are compared with the gains :func:`band_gains_from_probe` suggests.
+    """
+    edges, _ = check_options(options)
+    config = read_run_config(run_dir)
+    fpg = load_run_fpg(run_dir)
+    notes: list[str] = []
+    probe = read_probe_json(probe_json) if probe_json is not None else None
+    if probe is not None:
+        edges = probe["bands"]
+        notes.append(f"radial profile over the probe's {len(edges)} bands (--bands ignored)")
+    check_bands_fit(edges, fpg.image_size, bool(options.log_bands))
+    splits = load_splits(data_options, splits=(options.split,))
+    manifest = splits.require(options.split, f"give --{options.split}-csv or a {options.split}/ folder, or pick another --split")
+    images, labels, probed_manifest = load_probe_images(manifest, fpg.image_size, options, data_options.skip_bad_images)
+    notes += probed_manifest.notes
+    classes = splits.classes
+    mean_mask, class_masks, counts = fpg_masks(fpg, images, labels, len(classes), options.batch_size, progress)
+
+    profile = radial_profile(mean_mask, edges)
+    bands = [{"band": b, "range": list(edges[b]), "centre": (edges[b][0] + edges[b][1]) / 2, "mean_gain": profile[b],
+              "direction": _direction(profile[b])} for b in range(len(edges))]
+    run_teacher = config["teacher"].get("teacher")
+    comparison = None
+    if probe is not None:
+        comparison, probe_notes = _compare_with_probe(probe, profile, run_teacher)
+        notes += probe_notes
+    result = {
+        "format": FPG_FORMAT,
+        "run_dir": str(run_dir),
+        "fpg": {"mode": fpg.mode, "strength": fpg.strength, "hidden": fpg.hidden, "image_size": fpg.image_size},
+        "teacher": config["teacher"],
+        "data": data_options.describe(),
+        "split": options.split,
+        "num_images": int(len(labels)),
+        "bands": [list(e) for e in edges],
+        "band_centres": [(lo + hi) / 2 for lo, hi in edges],
+        "radial_profile": bands,
+        "per_class_radial_profile": {classes[c]: radial_profile(class_masks[c], edges) for c in range(len(classes)) if counts[c]},
+        "mask": {"min": float(mean_mask.min()), "max": float(mean_mask.max()), "mean": float(mean_mask.mean()),
+                 "bounds": [1 - fpg.strength, 1 + fpg.strength]},
+        "probe": None if comparison is None else {**comparison, "path": str(probe_json)},
+        "verdict": fpg_verdict(bands, comparison),
+        "notes": notes,
+    }
+    if out_dir is not None:
+        write_fpg(result, mean_mask, Path(out_dir), probe)
+    return result
+
+
+def write_fpg(result: dict, mean_mask: torch.Tensor, out_dir: Path, probe: dict | None = None) -> dict[str, Path]:
+    """fpg.json and fpg_mask.png (the centred mean mask, its radial profile, the probe's deltas) in ``out_dir``."""
+    from fopro.plots import plot_fpg_mask
+
+    n = mean_mask.shape[-1]
+    axis = (torch.fft.fftshift(torch.fft.fftfreq(n, dtype=torch.float64)) / 0.5).numpy()
+    files = {"json": out_dir / "fpg.json", "plot": out_dir / "fpg_mask.png"}
+    write_json(files["json"], result)
+    plot_fpg_mask(fftshift2(mean_mask).numpy(), axis, result, files["plot"], probe=probe)
+    return files

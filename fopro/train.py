@@ -1,0 +1,370 @@
+"""The distillation loop: epochs, validation through the eval library, checkpoints, exact resume, progress.
+
+Determinism: the data order of an epoch comes from (seed, epoch), each image's augmentation from
+(seed, epoch, index), and the global torch RNG is re-seeded from (seed, epoch, step) before every step.
+So a run resumed at any step boundary gives the same weights as an uninterrupted one (CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from fopro.checkpoint import CheckpointMeta, save_checkpoint
+from fopro.config import DistillConfig, save_config
+from fopro.data import ImageDataset, Splits, checked_dataset, load_splits
+from fopro.errors import FoproError
+from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
+from fopro.fpg import FourierPromptGenerator
+from fopro.io import write_text
+from fopro.losses import SupervisedLoss
+from fopro.methods import Method, build_method
+from fopro.metrics import compute_metrics
+from fopro.models import Teacher, create_student, load_teacher
+from fopro.preprocess import Preprocess
+from fopro.runtime import ProgressFn, no_progress, resolve_device
+from fopro.state import load_state, save_state
+
+RUN_MARKERS = ("config.json", "last.safetensors", "resume.safetensors")
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C once a resumable state has been saved."""
+
+    def __init__(self, run_dir: Path, epoch: int, step: int):
+        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; resume with: fopro distill --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once from the config."""
+
+    config: DistillConfig
+    run_dir: Path
+    device: torch.device
+    splits: Splits
+    train_set: ImageDataset
+    val_set: ImageDataset | None
+    train_counts: list[int]
+    method: Method
+    student_preprocess: Preprocess
+    optimizer: torch.optim.Optimizer
+    teacher: Teacher | None
+    notes: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = -math.inf
+    epoch: int = 0
+    step: int = 0
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    return (seed * 7_919_993 + epoch * 100_003 + step) % (2**63 - 1)
+
+
+def epoch_order(labels: list[int], epoch: int, seed: int, balanced: bool) -> np.ndarray:
+    """The image order of one epoch: a permutation, or class-balanced draws with replacement."""
+    rng = np.random.default_rng([seed, epoch, 17])
+    labels_array = np.asarray(labels)
+    if not balanced:
+        return rng.permutation(len(labels_array))
+    counts = np.bincount(labels_array)
+    weights = 1.0 / counts[labels_array]
+    return rng.choice(len(labels_array), size=len(labels_array), replace=True, p=weights / weights.sum())
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Full batches only when there is more than one (BatchNorm needs > 1 sample per batch)."""
+    count = max(1, len(order) // batch_size)
+    return [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(count)]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FoproError(f"--out {run_dir} is a file: give a folder for the run")
+    if any((run_dir / marker).exists() for marker in RUN_MARKERS) and not overwrite:
+        raise FoproError(
+            f"--out {run_dir} already holds a run: pass --overwrite to replace it, --resume {run_dir} to continue it, "
+            "or choose another folder"
+        )
+
+
+def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_progress) -> Run:
+    device = resolve_device(config.device)
+    notes: list[str] = []
+    data = config.data_options()
+    splits = load_splits(data)
+    train_manifest = splits.require("train", "give --train-csv or a train/ folder")
+    train_counts = train_manifest.class_counts()
+    empty = [name for name, count in zip(splits.classes, train_counts) if count == 0]
+    if empty:
+        raise FoproError(f"class(es) {', '.join(empty)} have no training image: add images or drop the class")
+    progress("checking images", 0, 1)
+    train_set = checked_dataset(train_manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed)
+    val_set = None
+    if "val" in splits and len(splits["val"]):
+        val_set = checked_dataset(splits["val"], config.image_size, data.skip_bad_images)
+    else:
+        notes.append("no val split: best.safetensors is the last epoch (no model selection)")
+    progress("checking images", 1, 1)
+    torch.manual_seed(config.seed)
+    student, student_preprocess = create_student(config.student_options(), len(splits.classes))
+    teacher = None
+    if config.method != "none":
+        if not config.teacher:
+            raise FoproError(f"--method {config.method} needs a teacher: pass --teacher (a timm name or a fopro checkpoint)")
+        teacher, teacher_notes = load_teacher(config.teacher_options(), config.image_size)
+        notes.extend(teacher_notes)
+    fpg = build_fpg(config) if config.method == "fopro" else None
+    sup_loss = SupervisedLoss(config.loss, train_counts)
+    method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg).to(device)
+    if config.channels_last and device.type == "cuda":
+        method.student.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(config, method.student_parameters())
+    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, notes)
+
+
+def build_fpg(config: DistillConfig) -> FourierPromptGenerator:
+    fpg = FourierPromptGenerator(config.image_size, mode=config.fpg_mode, strength=config.fpg_strength, hidden=config.fpg_hidden)
+    if config.probe_init:
+        from fopro.probe import band_gains_from_probe
+
+        edges, gains = band_gains_from_probe(Path(config.probe_init))
+        fpg.init_from_band_gains(edges, gains)
+    return fpg
+
+
+def make_optimizer(config: DistillConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def autocast(run: Run):
+    if run.device.type != "cuda" or run.config.amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if run.config.amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@contextmanager
+def interrupt_flag() -> Iterator[dict[str, bool]]:
+    """Ctrl-C sets a flag that the loop checks between steps, so a resumable state can be saved first."""
+    flag = {"stop": False}
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("stop", True))
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(config: DistillConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: ProgressFn = no_progress) -> dict:
+    """Train (or resume) a run; returns a summary with the best validation metrics and the test report."""
+    run_dir = Path(run_dir)
+    if not resume:
+        check_run_dir(run_dir, overwrite)
+    run = build_run(config, run_dir, progress)
+    if resume:
+        restore(run, load_state(run_dir / "resume.safetensors"))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.json")
+    scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda" and config.amp == "fp16")
+    with interrupt_flag() as flag:
+        while run.epoch < config.epochs:
+            train_epoch(run, scaler, flag, progress)
+            end_epoch(run, progress)
+    return finish(run, progress)
+
+
+def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], progress: ProgressFn) -> None:
+    config, method = run.config, run.method
+    run.train_set.set_epoch(run.epoch)
+    run.method.sup_loss.set_epoch(run.epoch, config.epochs)
+    batches = epoch_batches(epoch_order(run.train_set.manifest.labels, run.epoch, config.seed, config.balanced_sampler), config.batch_size)
+    total_steps = config.epochs * len(batches)
+    warmup = int(config.warmup_epochs * len(batches))
+    loader = make_loader(run, batches[run.step :])
+    method.train()
+    running: dict[str, float] = {}
+    started, seen = time.perf_counter(), 0
+    for images, labels, _ in loader:
+        torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
+        factor = lr_factor(run.epoch * len(batches) + run.step, total_steps, warmup)
+        for group in run.optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        with autocast(run):
+            loss, parts = method.step(images, labels, run.step)
+        check_finite(run, loss, parts)
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(method.student_parameters(), config.grad_clip)
+        scaler.step(run.optimizer)
+        scaler.update()
+        run.step += 1
+        seen += len(images)
+        for key, value in parts.items():
+            running[key] = 0.9 * running.get(key, value) + 0.1 * value
+        info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_"))
+        rate = seen / max(time.perf_counter() - started, 1e-9)
+        progress(f"epoch {run.epoch + 1}/{config.epochs} [{info}, {rate:.0f} img/s]", run.step, len(batches))
+        if flag["stop"]:
+            save_state(run.run_dir / "resume.safetensors", capture(run))
+            raise TrainingInterrupted(run.run_dir, run.epoch, run.step)
+    run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
+
+
+def make_loader(run: Run, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+    workers = run.config.workers
+    if workers is None:
+        workers = 0 if run.train_set.cached else min(8, max(1, (torch.get_num_threads() or 2) - 1))
+    return torch.utils.data.DataLoader(
+        run.train_set, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda", persistent_workers=False
+    )
+
+
+def check_finite(run: Run, loss: torch.Tensor, parts: dict[str, float]) -> None:
+    if torch.isfinite(loss).all() and all(math.isfinite(v) for v in parts.values()):
+        return
+    detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+    raise FoproError(
+        f"non-finite loss at epoch {run.epoch + 1}, step {run.step + 1} ({detail}): lower --lr, or use --amp bf16 / none "
+        f"instead of fp16; the last good checkpoint in {run.run_dir} is kept"
+    )
+
+
+def validate(run: Run) -> dict[str, Any]:
+    """Balanced accuracy, tail recall and the rest on the val split, through the eval library."""
+    if run.val_set is None:
+        return {}
+    predictor = TorchPredictor(run.method.student, run.student_preprocess, run.splits.classes, run.train_counts, "in training", run.device)
+    probs = predict(predictor, run.val_set, batch_size=max(64, run.config.batch_size))
+    report = compute_metrics(
+        np.asarray(run.val_set.manifest.labels), probs, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold
+    )
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "macro_auc", "ece")
+    summary = {k: report[k] for k in keys}
+    summary["group_recall"] = {k: v["mean_recall"] for k, v in (report["groups"] or {}).items()}
+    return summary
+
+
+def end_epoch(run: Run, progress: ProgressFn) -> None:
+    """Validate, write last/best checkpoints and the FPG, the resumable state, then metrics.jsonl."""
+    val = validate(run)
+    record = run.history[-1]
+    record["val"] = val
+    meta = checkpoint_meta(run, val)
+    save_checkpoint(run.run_dir / "last", run.method.student.state_dict(), meta)
+    score = val.get("balanced_accuracy")
+    score = -math.inf if score is None else score
+    if run.val_set is None or score > run.best_score:
+        run.best_score = score
+        record["best"] = True
+        save_checkpoint(run.run_dir / "best", run.method.student.state_dict(), meta)
+    fpg = getattr(run.method, "fpg", None)
+    if fpg is not None:
+        save_fpg(run, fpg)
+    run.epoch += 1
+    run.step = 0
+    save_state(run.run_dir / "resume.safetensors", capture(run))
+    write_metrics(run)
+
+
+def save_fpg(run: Run, fpg: FourierPromptGenerator) -> None:
+    from safetensors.torch import save_file
+
+    from fopro.io import atomic_path
+
+    with atomic_path(run.run_dir / "fpg.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in fpg.state_dict().items()}, str(tmp))
+
+
+def write_metrics(run: Run) -> None:
+    import json
+
+    write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in run.history))
+
+
+def checkpoint_meta(run: Run, val: dict[str, Any]) -> CheckpointMeta:
+    pre = run.student_preprocess
+    return CheckpointMeta(
+        arch=run.config.student,
+        classes=list(run.splits.classes),
+        image_size=pre.image_size,
+        mean=list(pre.mean),
+        std=list(pre.std),
+        train_counts=list(run.train_counts),
+        epoch=run.epoch + 1,
+        metrics={"val": val},
+        config=run.config.to_dict(),
+    )
+
+
+def capture(run: Run) -> dict[str, Any]:
+    """The resumable state: modules, optimisers, position, selection and history."""
+    modules = {name: module.state_dict() for name, module in run.method.trainable_state().items()}
+    optimizers = {"student": run.optimizer.state_dict(), **{k: o.state_dict() for k, o in run.method.extra_optimizers().items()}}
+    return {
+        "modules": modules,
+        "optimizers": optimizers,
+        "epoch": run.epoch,
+        "step": run.step,
+        "best_score": run.best_score if math.isfinite(run.best_score) else None,
+        "history": run.history,
+    }
+
+
+def restore(run: Run, state: dict[str, Any]) -> None:
+    for name, module in run.method.trainable_state().items():
+        module.load_state_dict(state["modules"][name])
+    run.optimizer.load_state_dict(state["optimizers"]["student"])
+    for name, optimizer in run.method.extra_optimizers().items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    run.epoch, run.step = int(state["epoch"]), int(state["step"])
+    run.best_score = -math.inf if state["best_score"] is None else float(state["best_score"])
+    run.history = list(state["history"])
+    run.notes.append(f"resumed at epoch {run.epoch + 1}, step {run.step}")
+
+
+def finish(run: Run, progress: ProgressFn) -> dict:
+    best = next((r for r in reversed(run.history) if r.get("best")), run.history[-1] if run.history else {})
+    summary: dict[str, Any] = {
+        "run_dir": str(run.run_dir),
+        "method": run.config.method,
+        "student": run.config.student,
+        "teacher": run.teacher.description if run.teacher else None,
+        "epochs": run.config.epochs,
+        "classes": run.splits.classes,
+        "train_counts": run.train_counts,
+        "best_epoch": best.get("epoch"),
+        "best_val": best.get("val"),
+        "checkpoints": {"best": str(run.run_dir / "best.safetensors"), "last": str(run.run_dir / "last.safetensors")},
+        "notes": run.notes,
+    }
+    if "test" in run.splits:
+        options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), head_threshold=run.config.head_threshold, tail_threshold=run.config.tail_threshold)
+        summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
+    return summary
