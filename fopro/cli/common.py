@@ -67,9 +67,16 @@ def print_json(data: Any) -> None:
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
     """A rich progress bar on stderr (stdout stays clean for --json); one bar per description."""
-    if not enabled or not err_console.is_terminal and not err_console.is_jupyter:
-        # no terminal: no bar, keep logs clean
+    if not enabled:
         yield lambda description, done, total: None
+        return
+    if not err_console.is_terminal:
+        # no terminal (a log file, CI): one plain line each time a task completes
+        def log_line(description: str, done: int, total: int) -> None:
+            if done == total:
+                err_console.print(f"{description}: {done}/{total} done", highlight=False, soft_wrap=True)
+
+        yield log_line
         return
     columns = (
         TextColumn("[bold]{task.description}"),

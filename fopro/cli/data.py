@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options
@@ -45,7 +46,7 @@ def render_info(result: dict) -> None:
     if "groups" in result:
         table.add_column("group")
     for name in order:
-        row = [name] + [str(splits[s].get(name, 0)) for s in splits]
+        row = [escape(name)] + [str(splits[s].get(name, 0)) for s in splits]
         if "groups" in result:
             group = result["groups"][name]
             row.append(f"[{GROUP_STYLE[group]}]{group}[/]")

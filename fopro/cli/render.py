@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from fopro.cli.common import console
@@ -50,7 +51,7 @@ def render_per_class(report: dict) -> None:
     for row in rows:
         group = groups.get(row["name"], "")
         table.add_row(
-            row["name"],
+            escape(row["name"]),
             "?" if row["train_count"] is None else str(row["train_count"]),
             str(row["support"]),
             fmt(row["precision"]),
@@ -68,8 +69,8 @@ def render_confusion(report: dict) -> None:
     table = Table(title="Confusion matrix (rows: true, columns: predicted; counts)")
     table.add_column("true \\ pred")
     for name in names:
-        table.add_column(name[:10], justify="right")
+        table.add_column(escape(name[:10]), justify="right")
     for name, row in zip(names, report["confusion_matrix"]):
         cells = [f"[bold green]{v}[/]" if i == names.index(name) else (str(v) if v else "[dim]0[/]") for i, v in enumerate(row)]
-        table.add_row(name, *cells)
+        table.add_row(escape(name), *cells)
     console.print(table)
