@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fopro.config import DistillConfig, load_run_config, read_config_file, resolve_config
+from fopro import distributed
 from fopro.defaults import DEMO_EPOCHS, embedded_default
+from fopro.distributed import DistEnv
 from fopro.errors import FoproError
 from fopro.runtime import ProgressFn, no_progress
 from fopro.train import train
@@ -23,27 +25,44 @@ def distill(
     overwrite: bool = False,
     progress: ProgressFn = no_progress,
 ) -> dict:
-    """Run `fopro distill`. `cli_values` holds only the options given on the command line."""
+    """Run `fopro distill`. `cli_values` holds only the options given on the command line.
+
+    Launched by torchrun, every process runs this; the process group lives for the call.
+    """
+    file_values = read_config_file(config_file) if config_file and resume is None else {}
     if resume is not None:
-        ignored = sorted(k for k in cli_values if k not in ("device", "workers"))
         config = load_run_config(Path(resume))
         for key in ("device", "workers"):
             if key in cli_values:
                 setattr(config, key, cli_values[key])
-        summary = train(config, Path(resume), resume=True, progress=progress)
-        if ignored:
-            summary["notes"].insert(0, f"--resume uses the run's saved options; ignored: {', '.join('--' + k.replace('_', '-') for k in ignored)}")
-        return summary
-    file_values = read_config_file(config_file) if config_file else {}
-    config = resolve_config(file_values, cli_values)
+    else:
+        config = resolve_config(file_values, cli_values)
+    env = distributed.init(config.device)
+    try:
+        if resume is not None:
+            summary = train(config, Path(resume), resume=True, progress=progress, env=env)
+            ignored = sorted(k for k in cli_values if k not in ("device", "workers"))
+            if ignored:
+                summary["notes"].insert(0, f"--resume uses the run's saved options; ignored: {', '.join('--' + k.replace('_', '-') for k in ignored)}")
+            return summary
+        return start_run(config, {**file_values, **cli_values}, overwrite, progress, env)
+    finally:
+        distributed.shutdown()
+
+
+def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, progress: ProgressFn, env: DistEnv) -> dict:
     notes: list[str] = []
-    if not any(getattr(config, key) for key in DATA_KEYS) and not config.teacher:
-        config, notes = apply_embedded_default(config, {**file_values, **cli_values}, progress)
-    elif not any(getattr(config, key) for key in DATA_KEYS):
-        raise FoproError("no data given: pass --data ROOT or --train-csv/--val-csv/--test-csv (or neither data nor --teacher for the synthetic demo)")
+    if not any(getattr(config, key) for key in DATA_KEYS):
+        if config.teacher:
+            raise FoproError("no data given: pass --data ROOT or --train-csv/--val-csv/--test-csv (or neither data nor --teacher for the synthetic demo)")
+        if env.is_main:
+            config, notes = apply_embedded_default(config, given, progress)
+        distributed.barrier(env)
+        if not env.is_main:  # rank 0 has made and cached the data and the demo teacher
+            config, notes = apply_embedded_default(config, given, no_progress)
     run_dir = Path(config.out) if config.out else Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config.out = str(run_dir)
-    summary = train(config, run_dir, overwrite=overwrite, progress=progress)
+    config.out = distributed.broadcast_text(str(run_dir), env)
+    summary = train(config, Path(config.out), overwrite=overwrite, progress=progress, env=env)
     summary["notes"] = notes + summary["notes"]
     return summary
 

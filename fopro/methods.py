@@ -7,6 +7,7 @@ does the student's optimisation, so every method is trained the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ class Method(nn.Module):
         self.student = student
         self.student_preprocess = student_preprocess
         self.sup_loss = sup_loss
+        # set by the training loop under torchrun: averages gradients over processes
+        self.sync_gradients: Callable[[list[nn.Parameter]], None] = lambda parameters: None
 
     def student_parameters(self) -> list[nn.Parameter]:
         """Everything the student optimiser updates."""
@@ -163,7 +166,9 @@ class FoProKD(EffectiveKD):
             loss, embedding, parts = self.fpg_loss(images, labels, projected)
             self.fpg_optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(list(self.fpg.parameters()) + list(self.teacher_head.parameters()), 5.0)
+            parameters = list(self.fpg.parameters()) + list(self.teacher_head.parameters())
+            self.sync_gradients(parameters)
+            nn.utils.clip_grad_norm_(parameters, 5.0)
             self.fpg_optimizer.step()
             if self.config.reuse_teacher_forward:
                 return embedding.detach(), parts

@@ -22,6 +22,7 @@ from torch import nn
 from fopro.checkpoint import CheckpointMeta, save_checkpoint
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits
+from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barrier, device_for
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
 from fopro.fpg import FourierPromptGenerator
@@ -60,6 +61,7 @@ class Run:
     student_preprocess: Preprocess
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None
+    env: DistEnv = SINGLE
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: float = -math.inf
@@ -106,8 +108,8 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_progress) -> Run:
-    device = resolve_device(config.device)
+def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_progress, env: DistEnv = SINGLE) -> Run:
+    device = device_for(env, resolve_device(config.device))
     notes: list[str] = []
     data = config.data_options()
     splits = load_splits(data)
@@ -135,10 +137,15 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     fpg = build_fpg(config) if config.method == "fopro" else None
     sup_loss = SupervisedLoss(config.loss, train_counts)
     method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg).to(device)
+    method.sync_gradients = lambda parameters: average_gradients(parameters, env)
+    if env.enabled and len(train_set) < config.batch_size * env.world_size:
+        raise FoproError(
+            f"--batch-size {config.batch_size} x {env.world_size} processes is more than the {len(train_set)} training images: use a smaller batch"
+        )
     if config.channels_last and device.type == "cuda":
         method.student.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, method.student_parameters())
-    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, notes)
+    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, env, notes)
 
 
 def build_fpg(config: DistillConfig) -> FourierPromptGenerator:
@@ -179,15 +186,28 @@ def interrupt_flag() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def train(config: DistillConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False, progress: ProgressFn = no_progress) -> dict:
-    """Train (or resume) a run; returns a summary with the best validation metrics and the test report."""
+def train(
+    config: DistillConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: ProgressFn = no_progress,
+    env: DistEnv = SINGLE,
+) -> dict:
+    """Train (or resume) a run; returns a summary with the best validation metrics and the test report.
+
+    Under torchrun every process calls this with its DistEnv; only rank 0 writes files and reports progress.
+    """
     run_dir = Path(run_dir)
-    if not resume:
+    if not env.is_main:
+        progress = no_progress
+    if not resume and env.is_main:
         check_run_dir(run_dir, overwrite)
-    run = build_run(config, run_dir, progress)
+    barrier(env)
+    run = build_run(config, run_dir, progress, env)
     if resume:
         restore(run, load_state(run_dir / "resume.safetensors"))
-    else:
+    elif env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
     scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda" and config.amp == "fp16")
@@ -202,7 +222,7 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     config, method = run.config, run.method
     run.train_set.set_epoch(run.epoch)
     run.method.sup_loss.set_epoch(run.epoch, config.epochs)
-    batches = epoch_batches(epoch_order(run.train_set.manifest.labels, run.epoch, config.seed, config.balanced_sampler), config.batch_size)
+    batches = local_batches(run)
     total_steps = config.epochs * len(batches)
     warmup = int(config.warmup_epochs * len(batches))
     loader = make_loader(run, batches[run.step :])
@@ -217,9 +237,12 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         with autocast(run):
             loss, parts = method.step(images, labels, run.step)
-        check_finite(run, loss, parts)
+        stop, bad = any_flag([flag["stop"], not is_finite(loss, parts)], run.env, run.device)
+        if bad:
+            raise non_finite_error(run, parts)
         run.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        average_gradients(method.student_parameters(), run.env)
         scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(method.student_parameters(), config.grad_clip)
         scaler.step(run.optimizer)
@@ -231,10 +254,20 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
         info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_"))
         rate = seen / max(time.perf_counter() - started, 1e-9)
         progress(f"epoch {run.epoch + 1}/{config.epochs} [{info}, {rate:.0f} img/s]", run.step, len(batches))
-        if flag["stop"]:
-            save_state(run.run_dir / "resume.safetensors", capture(run))
+        if stop:
+            if run.env.is_main:
+                save_state(run.run_dir / "resume.safetensors", capture(run))
+            barrier(run.env)
             raise TrainingInterrupted(run.run_dir, run.epoch, run.step)
     run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
+
+
+def local_batches(run: Run) -> list[list[int]]:
+    """This process's share of each global batch (batch_size images per process, the same global order everywhere)."""
+    config, env = run.config, run.env
+    order = epoch_order(run.train_set.manifest.labels, run.epoch, config.seed, config.balanced_sampler)
+    size = config.batch_size
+    return [batch[env.rank * size : (env.rank + 1) * size] for batch in epoch_batches(order, size * env.world_size)]
 
 
 def make_loader(run: Run, batches: list[list[int]]) -> torch.utils.data.DataLoader:
@@ -246,11 +279,13 @@ def make_loader(run: Run, batches: list[list[int]]) -> torch.utils.data.DataLoad
     )
 
 
-def check_finite(run: Run, loss: torch.Tensor, parts: dict[str, float]) -> None:
-    if torch.isfinite(loss).all() and all(math.isfinite(v) for v in parts.values()):
-        return
+def is_finite(loss: torch.Tensor, parts: dict[str, float]) -> bool:
+    return bool(torch.isfinite(loss).all()) and all(math.isfinite(v) for v in parts.values())
+
+
+def non_finite_error(run: Run, parts: dict[str, float]) -> FoproError:
     detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-    raise FoproError(
+    return FoproError(
         f"non-finite loss at epoch {run.epoch + 1}, step {run.step + 1} ({detail}): lower --lr, or use --amp bf16 / none "
         f"instead of fp16; the last good checkpoint in {run.run_dir} is kept"
     )
@@ -272,7 +307,12 @@ def validate(run: Run) -> dict[str, Any]:
 
 
 def end_epoch(run: Run, progress: ProgressFn) -> None:
-    """Validate, write last/best checkpoints and the FPG, the resumable state, then metrics.jsonl."""
+    """Validate, write last/best checkpoints and the FPG, the resumable state, then metrics.jsonl (rank 0 only)."""
+    if not run.env.is_main:
+        run.epoch += 1
+        run.step = 0
+        barrier(run.env)
+        return
     val = validate(run)
     record = run.history[-1]
     record["val"] = val
@@ -291,6 +331,7 @@ def end_epoch(run: Run, progress: ProgressFn) -> None:
     run.step = 0
     save_state(run.run_dir / "resume.safetensors", capture(run))
     write_metrics(run)
+    barrier(run.env)
 
 
 def save_fpg(run: Run, fpg: FourierPromptGenerator) -> None:
@@ -334,6 +375,7 @@ def capture(run: Run) -> dict[str, Any]:
         "step": run.step,
         "best_score": run.best_score if math.isfinite(run.best_score) else None,
         "history": run.history,
+        "world_size": run.env.world_size,
     }
 
 
@@ -344,6 +386,12 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     for name, optimizer in run.method.extra_optimizers().items():
         optimizer.load_state_dict(state["optimizers"][name])
     run.epoch, run.step = int(state["epoch"]), int(state["step"])
+    saved_world = int(state.get("world_size", 1))
+    if run.step and saved_world != run.env.world_size:
+        run.notes.append(
+            f"the state was saved mid-epoch by {saved_world} process(es): epoch {run.epoch + 1} restarts from its first step"
+        )
+        run.step = 0
     run.best_score = -math.inf if state["best_score"] is None else float(state["best_score"])
     run.history = list(state["history"])
     run.notes.append(f"resumed at epoch {run.epoch + 1}, step {run.step}")
@@ -364,7 +412,7 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "checkpoints": {"best": str(run.run_dir / "best.safetensors"), "last": str(run.run_dir / "last.safetensors")},
         "notes": run.notes,
     }
-    if "test" in run.splits:
+    if "test" in run.splits and run.env.is_main:
         options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), head_threshold=run.config.head_threshold, tail_threshold=run.config.tail_threshold)
         summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
     return summary

@@ -10,6 +10,7 @@ import typer
 from fopro.cli.common import cli_errors, console, err_console, print_json, progress_bar, with_data_values
 from fopro.cli.render import fmt, render_eval
 from fopro.distill import distill
+from fopro.distributed import env_from_environment
 from fopro.train import TrainingInterrupted
 
 TEACHER = "Teacher"
@@ -70,12 +71,16 @@ def distill_cli(
     local = dict(locals())
     values = {**data_values, **{k: v for k, v in local.items() if k not in ("ctx", "data_values", "config", "resume", "overwrite", "json_output")}}
     given = {key: value for key, value in values.items() if _from_command_line(ctx, key)}
+    is_main = env_from_environment().is_main
     try:
-        with progress_bar(True) as progress:
+        with progress_bar(is_main) as progress:
             summary = distill(given, config_file=config, resume=resume, overwrite=overwrite, progress=progress)
     except TrainingInterrupted as stop:
-        err_console.print(f"[yellow]{stop}[/yellow]")
+        if is_main:
+            err_console.print(f"[yellow]{stop}[/yellow]")
         raise typer.Exit(130) from None
+    if not is_main:
+        return
     if json_output:
         print_json(summary)
         return

@@ -1,0 +1,93 @@
+"""Data-parallel distillation under torchrun on CPU (gloo, 2 processes) against a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fopro.data import DataOptions
+from fopro.distributed import DistEnv, env_from_environment
+from fopro.evaluate import EvalOptions, evaluate
+from fopro.train import epoch_batches, epoch_order
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+def _distill(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+    command = launcher + ["-m", "fopro", "distill", *args, "--out", str(out), "--device", "cpu", "--workers", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(distill_data, tmp_path_factory):
+    """The same global batch (16) as one process x 16 and as two processes x 8."""
+    root = tmp_path_factory.mktemp("ddp")
+    common = ["--data", str(distill_data), "--method", "none", "--student", "test_vit", "--image-size", "32", "--epochs", "2", "--seed", "3"]
+    single = _distill(common + ["--batch-size", "16"], root / "single", 1)
+    double = _distill(common + ["--batch-size", "8"], root / "double", 2)
+    return root, single, double
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    root, _, _ = runs
+    one, two = load_file(str(root / "single" / "last.safetensors")), load_file(str(root / "double" / "last.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_only_rank_zero_writes_and_prints(runs):
+    root, _, double = runs
+    files = sorted(p.name for p in (root / "double").iterdir())
+    assert files == sorted(p.name for p in (root / "single").iterdir())
+    assert not list((root / "double").glob("*.tmp")) and not list((root / "double").glob(".*"))
+    assert double.stdout.count("run folder:") == 1
+    lines = (root / "double" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_val_metrics_equal_single_process_eval_of_the_checkpoint(runs, distill_data):
+    root, _, _ = runs
+    logged = json.loads((root / "double" / "metrics.jsonl").read_text().splitlines()[-1])["val"]
+    report = evaluate(root / "double" / "last", DataOptions(data=distill_data), EvalOptions(split="val", device="cpu"))
+    assert logged["balanced_accuracy"] == pytest.approx(report["balanced_accuracy"], abs=1e-9)
+    assert logged["accuracy"] == pytest.approx(report["accuracy"], abs=1e-9)
+
+
+def test_fopro_runs_under_two_processes(distill_data, distill_teacher, tmp_path):
+    args = ["--data", str(distill_data), "--teacher", str(distill_teacher), "--student", "test_resnet", "--image-size", "32", "--epochs", "1", "--batch-size", "4"]
+    _distill(args, tmp_path / "fopro", 2)
+    assert (tmp_path / "fopro" / "fpg.safetensors").is_file()
+    assert (tmp_path / "fopro" / "best.safetensors").is_file()
+
+
+def test_each_process_gets_its_share_of_the_global_batch():
+    labels = [0] * 20 + [1] * 12
+    order = epoch_order(labels, epoch=1, seed=0, balanced=False)
+    global_batches = epoch_batches(order, 8)
+    shares = [[b[r * 4 : (r + 1) * 4] for b in global_batches] for r in range(2)]
+    for step, batch in enumerate(global_batches):
+        assert shares[0][step] + shares[1][step] == batch
+
+
+def test_environment_parsing(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert env_from_environment() == DistEnv(rank=2, world_size=4, local_rank=0)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert not env_from_environment().enabled
