@@ -64,6 +64,7 @@ class Run:
     env: DistEnv = SINGLE
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    running: dict[str, float] = field(default_factory=dict)  # the epoch's running losses (kept by a mid-epoch resume)
     best_score: float = -math.inf
     epoch: int = 0
     step: int = 0
@@ -138,6 +139,10 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     sup_loss = SupervisedLoss(config.loss, train_counts)
     method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg).to(device)
     method.sync_gradients = lambda parameters: average_gradients(parameters, env)
+    if env.enabled and device.type == "cuda":  # SyncBatchNorm works on GPUs only
+        for name, module in method.trainable_state().items():
+            if name in ("student", "heads"):
+                setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(module))
     if env.enabled and len(train_set) < config.batch_size * env.world_size:
         raise FoproError(
             f"--batch-size {config.batch_size} x {env.world_size} processes is more than the {len(train_set)} training images: use a smaller batch"
@@ -227,7 +232,9 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     warmup = int(config.warmup_epochs * len(batches))
     loader = make_loader(run, batches[run.step :])
     method.train()
-    running: dict[str, float] = {}
+    if run.step == 0:
+        run.running = {}
+    running = run.running
     started, seen = time.perf_counter(), 0
     for images, labels, _ in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
@@ -375,6 +382,7 @@ def capture(run: Run) -> dict[str, Any]:
         "step": run.step,
         "best_score": run.best_score if math.isfinite(run.best_score) else None,
         "history": run.history,
+        "running": run.running,
         "world_size": run.env.world_size,
     }
 
@@ -394,6 +402,7 @@ def restore(run: Run, state: dict[str, Any]) -> None:
         run.step = 0
     run.best_score = -math.inf if state["best_score"] is None else float(state["best_score"])
     run.history = list(state["history"])
+    run.running = dict(state.get("running") or {})
     run.notes.append(f"resumed at epoch {run.epoch + 1}, step {run.step}")
 
 
