@@ -167,8 +167,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0]
-        raise FoproError(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {first}") from err
+        toml = path.suffix == ".toml"
+        raise FoproError(
+            f"--config {path} is not valid {'TOML' if toml else 'YAML'} ({_syntax_error(err)}): "
+            f"fix the syntax there (one {'key = value' if toml else 'key: value'} per line)"
+        ) from err
     data = data or {}
     if not isinstance(data, dict):
         raise FoproError(f"--config {path} must hold a mapping of option names to values")
@@ -176,8 +179,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = [k for k in normalised if k not in FIELDS or k == "extra"]
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, n=1)) else k for k in unknown]
-        raise FoproError(f"--config {path} has unknown key(s): {', '.join(hints)}")
+        raise FoproError(
+            f"--config {path} has unknown key(s): {', '.join(hints)}; "
+            "the keys are the options of `fopro distill --help` without the leading -- (e.g. epochs, batch_size, image_size)"
+        )
     return normalised
+
+
+def _syntax_error(err: Exception) -> str:
+    """The problem and its line of a YAML / TOML parse error, on one line."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> DistillConfig:
@@ -212,6 +227,20 @@ def _coerce(key: str, value: Any) -> Any:
     except (TypeError, ValueError) as err:
         raise FoproError(f"option {key} = {value!r} has the wrong type: expected {type(default).__name__}") from err
     return value
+
+
+PATH_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "teacher_weights", "student_weights", "probe_init", "out")
+
+
+def absolute_paths(config: DistillConfig) -> DistillConfig:
+    """Paths made absolute, so that a saved run can be resumed or inspected from any folder."""
+    for key in PATH_KEYS:
+        value = getattr(config, key)
+        if value:
+            setattr(config, key, str(Path(value).expanduser().absolute()))
+    if config.teacher and Path(config.teacher).suffix in (".safetensors", ".json") and Path(config.teacher).exists():
+        config.teacher = str(Path(config.teacher).absolute())
+    return config
 
 
 def save_config(config: DistillConfig, path: Path) -> None:

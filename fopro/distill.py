@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fopro.config import DistillConfig, load_run_config, read_config_file, resolve_config
+from fopro.config import DistillConfig, absolute_paths, load_run_config, read_config_file, resolve_config
 from fopro import distributed
 from fopro.defaults import DEMO_EPOCHS, embedded_default
 from fopro.distributed import DistEnv
@@ -62,6 +62,7 @@ def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, pro
             config, notes = apply_embedded_default(config, given, no_progress)
     run_dir = Path(config.out) if config.out else Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     config.out = distributed.broadcast_text(str(run_dir), env)
+    config = absolute_paths(config)
     summary = train(config, Path(config.out), overwrite=overwrite, progress=progress, env=env)
     summary["notes"] = notes + summary["notes"]
     return summary

@@ -100,6 +100,8 @@ def evaluate(
     """Evaluate a checkpoint or ONNX model on one split; returns the report (and writes its files to out_dir)."""
     if options.batch_size <= 0:
         raise FoproError(f"--batch-size {options.batch_size} must be greater than 0")
+    if out_dir is not None:
+        check_writable_dir(Path(out_dir), "--out")
     predictor = load_predictor(model_path, options.device)
     splits = load_splits(data, splits=(options.split,), classes=predictor.classes)
     manifest = splits.require(options.split, f"give --{options.split}-csv or a {options.split}/ folder, or pick --split")
@@ -117,6 +119,17 @@ def evaluate(
     if out_dir is not None:
         write_report(report, dataset.manifest.image_ids(), labels, probs, Path(out_dir))
     return report
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Fail before the work, not after it, when the output folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".fopro-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise FoproError(f"cannot write to {option} {folder} ({err.strerror}): choose a writable output path") from err
 
 
 def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: np.ndarray, out_dir: Path) -> dict[str, Path]:

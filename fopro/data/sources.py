@@ -81,6 +81,7 @@ def load_splits(
         raise FoproError("give either --data ROOT or --train-csv/--val-csv/--test-csv, not both")
     if not options.given():
         raise FoproError("no data given: pass --data ROOT (ImageFolder) or --train-csv/--val-csv/--test-csv with --images DIR")
+    model_classes = classes is not None
     classes = classes or options.classes
     default_classes = None
     if options.data is not None:
@@ -92,7 +93,8 @@ def load_splits(
     if not raw:
         raise FoproError(f"none of the splits {', '.join(splits)} was found in {options.describe()}")
     class_list = classes or default_classes or _class_list(raw)
-    manifests = {split: _to_manifest(split, rows, class_list, source) for split, (rows, source) in raw.items()}
+    origin = "the classes of the model" if model_classes else "the classes"
+    manifests = {split: _to_manifest(split, rows, class_list, source, origin) for split, (rows, source) in raw.items()}
     if options.imbalance is not None and "train" in manifests:
         manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
     return Splits(manifests=manifests, classes=class_list)
@@ -100,6 +102,12 @@ def load_splits(
 
 def subsample_longtail(manifest: Manifest, imbalance: float, seed: int) -> Manifest:
     check_imbalance(imbalance)
+    absent = [name for name, n in zip(manifest.classes, manifest.class_counts()) if n == 0]
+    if absent:
+        raise FoproError(
+            f"class(es) {', '.join(absent[:MAX_LISTED])} have no training image in {manifest.source or 'the train split'}, "
+            f"so --imbalance {imbalance} has nothing to keep for them: add training images or leave them out of --classes"
+        )
     keep = longtail_indices(manifest.labels, manifest.num_classes, imbalance, seed)
     result = manifest.subset(keep)
     empty = [name for name, n in zip(result.classes, result.class_counts()) if n == 0]
@@ -125,13 +133,15 @@ def _class_list(raw: dict[str, tuple[Rows, str]]) -> list[str]:
     return sorted(names)
 
 
-def _to_manifest(split: str, rows: Rows, classes: list[str], source: str) -> Manifest:
+def _to_manifest(split: str, rows: Rows, classes: list[str], source: str, origin: str = "the classes") -> Manifest:
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({label for _, label in rows if label not in index})
     if unknown:
+        fix = (", so it cannot predict them: leave those images out or relabel them" if origin != "the classes"
+               else ": fix the labels or the class list")
         raise FoproError(
-            f"{source}: {split} label(s) {', '.join(unknown[:MAX_LISTED])} are not among the classes "
-            f"({', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}): fix the labels or the class list"
+            f"{source}: {split} label(s) {', '.join(unknown[:MAX_LISTED])} are not among {origin} "
+            f"({', '.join(classes[:10])}{'...' if len(classes) > 10 else ''}){fix}"
         )
     return Manifest(
         paths=[path for path, _ in rows],
@@ -148,6 +158,12 @@ def _read_image_folder(root: Path, splits: tuple[str, ...]) -> dict[str, tuple[R
     if not root.is_dir():
         raise FoproError(f"--data {root} is not a folder: give the folder that holds train/, val/ and test/")
     present = [s for s in splits if (root / s).is_dir()]
+    others = [s for s in SPLITS if s not in splits and (root / s).is_dir()]
+    if not present and others:
+        raise FoproError(
+            f"--data {root} has no {' or '.join(s + '/' for s in splits)} folder (it has {', '.join(s + '/' for s in others)}): "
+            f"add {'/'.join(splits)}/<class name>/<image>, or choose another --split"
+        )
     if not present:
         raise FoproError(
             f"--data {root} has none of the split folders {', '.join(s + '/' for s in splits)}: "

@@ -11,7 +11,7 @@ from torch import nn
 from fopro.checkpoint import build_model, sidecar
 from fopro.errors import FoproError
 from fopro.preprocess import Preprocess
-from fopro.models.weights import create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
+from fopro.models.weights import check_input_size, create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
 
 
 @dataclass
@@ -65,6 +65,7 @@ def load_teacher(options: TeacherOptions, default_image_size: int) -> tuple[Teac
         if options.image_size not in (None, meta.image_size) and patch_size(model):
             notes.append(f"the checkpoint teacher is fixed at {meta.image_size} px; --teacher-image-size ignored")
         size = options.image_size if options.image_size and not patch_size(model) else meta.image_size
+        check_teacher_size(model, spec, size)
         preprocess = Preprocess(size, tuple(meta.mean), tuple(meta.std))
         return Teacher(model, preprocess, f"fopro checkpoint {spec} ({meta.arch})"), notes
     size, size_note = teacher_image_size(spec, options.image_size, default_image_size)
@@ -82,9 +83,19 @@ def load_teacher(options: TeacherOptions, default_image_size: int) -> tuple[Teac
         model = create_timm_model(spec, 0, size, option="--teacher")
         description = f"{spec} with RANDOM weights (no pretrained teacher: only useful for tests)"
         notes.append("the teacher has random weights")
+    check_teacher_size(model, spec, size)
     cfg = model.pretrained_cfg
     preprocess = Preprocess(size, tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
     return Teacher(model, preprocess, description), notes
+
+
+def check_teacher_size(model: nn.Module, spec: str, size: int) -> None:
+    """Fail now, naming --teacher-image-size, if the teacher cannot take `size`-px images (not mid-training)."""
+    problem = check_input_size(model, size)
+    if problem is not None:
+        error, smallest = problem
+        fix = f"use --teacher-image-size {smallest} or larger" if smallest else "use a larger --teacher-image-size"
+        raise FoproError(f"--teacher {spec} cannot take {size}-px images ({error}): {fix}")
 
 
 def teacher_image_size(name: str, requested: int | None, default: int) -> tuple[int, str | None]:

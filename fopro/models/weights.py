@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import timm
@@ -35,15 +37,28 @@ def read_state_dict(path: str | Path, option: str = "--teacher-weights") -> dict
         except (SafetensorError, OSError, ValueError) as err:
             raise FoproError(f"{path} is not a valid safetensors file ({_first_line(err)}): the file may be corrupted; copy it again") from err
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: noise next to the one-line error
+            warnings.filterwarnings("ignore", message=".*weights_only.*", category=UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise FoproError(
-            f"{path} was refused: loading it would run code from the file ({_first_line(err)}); "
+            f"{path} was refused: loading it would run code from the file ({_refusal_reason(err)}); "
             "convert it to safetensors (or a plain state_dict) in a trusted environment"
         ) from err
     except Exception as err:  # corrupt pickles raise assorted errors (IndexError, KeyError, RuntimeError, EOFError...)
         raise FoproError(f"{path} is not a readable PyTorch weights file ({_first_line(err)}): check the file") from err
     return _unwrap(loaded, path)
+
+
+def _refusal_reason(err: BaseException) -> str:
+    """What the weights-only unpickler refused (e.g. 'it imports os.system'), without torch's multi-line advice
+    on how to load the file anyway, nor its terminal escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it imports {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip()[:200] if found else _first_line(Exception(text))
 
 
 def _first_line(err: BaseException) -> str:
@@ -159,3 +174,37 @@ def patch_size(model: nn.Module) -> int | None:
     if size is None:
         return None
     return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+
+# sizes tried, smallest first, to tell the user which input size an architecture does take
+CANDIDATE_SIZES = (16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def forward_error(model: nn.Module, size: int) -> str | None:
+    """Why one blank `size` x `size` image cannot go through `model` (None when it can).
+
+    Eval mode and no gradients: running statistics, RNG and weights are left untouched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as err:  # layers fail on too-small inputs with assorted errors (RuntimeError, ValueError, AssertionError)
+        return _first_line(err)
+    finally:
+        model.train(was_training)
+    return None
+
+
+def check_input_size(model: nn.Module, size: int) -> tuple[str, int | None] | None:
+    """None when `model` takes `size`-px images; else (the failure, the smallest candidate size that works or None).
+
+    Fixed-size models (ViTs) are built for one size, so no other size is tried for them.
+    """
+    error = forward_error(model, size)
+    if error is None:
+        return None
+    fixed = bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"))
+    larger = () if fixed else [s for s in CANDIDATE_SIZES if s > size]
+    return error, next((s for s in larger if forward_error(model, s) is None), None)
