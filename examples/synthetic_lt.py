@@ -289,7 +289,10 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def check_run_options(run_dir: Path, expected: dict[str, Any]) -> None:
+PATH_OPTIONS = ("data", "teacher", "probe_init")
+
+
+def check_run_options(run_dir: Path, expected: dict[str, Any], base: Path) -> None:
     """An existing run folder must have been made with the options of this protocol, else stop."""
     path = run_dir / "config.json"
     if not path.is_file():
@@ -298,6 +301,8 @@ def check_run_options(run_dir: Path, expected: dict[str, Any]) -> None:
     wrong = []
     for key, value in expected.items():
         have = saved.get(key)
+        if key in PATH_OPTIONS and have is not None and value is not None:  # fopro saves absolute paths
+            have, value = str(Path(have).resolve()), str((base / value).resolve())
         same = math.isclose(float(have), float(value)) if isinstance(value, float) and have is not None else have == value
         if not same:
             wrong.append(f"{key} = {have!r} (this protocol: {value!r})")
@@ -315,7 +320,7 @@ def distill(proto: Protocol, name: str, run: str, options: list[str], expected: 
     started = proto.begin(name)
     proto.record("distill", *options, "--out", run, "--json")
     if summary_path.is_file() or (run_dir / "resume.safetensors").is_file():
-        check_run_options(run_dir, expected)  # a run that saved no epoch yet is simply started again
+        check_run_options(run_dir, expected, proto.out)  # a run that saved no epoch yet is simply started again
     if summary_path.is_file():
         proto.skip(f"{run}/distill.json exists")
         return read_json(summary_path)

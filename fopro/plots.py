@@ -27,6 +27,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write a figure as PNG, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
 def plot_confusion(
     matrix: np.ndarray | list,
     class_names: list[str],
@@ -78,8 +84,7 @@ def plot_confusion(
                 )
         fig.tight_layout()
         path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
+        _save(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path
@@ -160,8 +165,7 @@ def plot_probe(result: dict, path: Path) -> Path:
             f"({result.get('num_images', '?')} images, {result.get('image_size', '?')} px)"
         )
         fig.tight_layout()
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        _save(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return Path(path)
@@ -237,8 +241,7 @@ def plot_fpg_mask(mask: np.ndarray, axis: np.ndarray, result: dict, path: Path, 
         fig.suptitle(f"Learned Fourier prompt ({fpg['mode']}, strength {fpg['strength']:g}, {fpg['image_size']} px) "
                      f"on the {result.get('split', '')} split")
         fig.tight_layout()
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        _save(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return Path(path)

@@ -48,7 +48,7 @@ from fopro.data import DataOptions, Manifest, checked_dataset, load_splits
 from fopro.data.sources import SPLITS
 from fopro.errors import FoproError
 from fopro.fourier import amplitude_phase, band_edges, band_masks, fftshift2, scale_band
-from fopro.fpg import FPG_MODES, FourierPromptGenerator
+from fopro.fpg import FourierPromptGenerator
 from fopro.io import write_json
 from fopro.metrics import assign_group, confusion_matrix, group_definitions, per_class_recall
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher

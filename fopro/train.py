@@ -242,18 +242,12 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
         for group in run.optimizer.param_groups:
             group["lr"] = config.lr * factor
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-        with autocast(run):
-            loss, parts = method.step(images, labels, run.step)
-        stop, bad = any_flag([flag["stop"], not is_finite(loss, parts)], run.env, run.device)
-        if bad:
-            raise non_finite_error(run, parts)
-        run.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        average_gradients(method.student_parameters(), run.env)
-        scaler.unscale_(run.optimizer)
-        nn.utils.clip_grad_norm_(method.student_parameters(), config.grad_clip)
-        scaler.step(run.optimizer)
-        scaler.update()
+        try:
+            parts, stop = optimisation_step(
+                method, run.optimizer, scaler, images, labels, run.step, config.grad_clip, run.env, flag["stop"], autocast(run)
+            )
+        except NonFiniteLoss as err:
+            raise non_finite_error(run, err.parts) from None
         run.step += 1
         seen += len(images)
         for key, value in parts.items():
@@ -267,6 +261,41 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
             barrier(run.env)
             raise TrainingInterrupted(run.run_dir, run.epoch, run.step)
     run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, parts: dict[str, float]):
+        super().__init__("non-finite loss")
+        self.parts = parts
+
+
+def optimisation_step(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    step: int,
+    grad_clip: float,
+    env: DistEnv = SINGLE,
+    stop_requested: bool = False,
+    precision: Any = None,
+) -> tuple[dict[str, float], bool]:
+    """One step of the student (the method runs its own FPG step inside): loss, gradient averaging across
+    processes, clipping, optimiser. Returns the named losses and whether any process asked to stop."""
+    with precision if precision is not None else nullcontext():
+        loss, parts = method.step(images, labels, step)
+    stop, bad = any_flag([stop_requested, not is_finite(loss, parts)], env, images.device)
+    if bad:
+        raise NonFiniteLoss(parts)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    average_gradients(method.student_parameters(), env)
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(method.student_parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return parts, stop
 
 
 def local_batches(run: Run) -> list[list[int]]:

@@ -1,0 +1,177 @@
+"""Long-tailed supervised losses and distillation terms, checked against hand (numpy) computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fopro.errors import FoproError
+from fopro.losses import LOSSES, SupervisedLoss, balanced_softmax, class_log_prior, cosine_distance, feature_mse
+
+COUNTS = [100, 30, 9, 2]
+
+
+def _batch(seed: int = 0, n: int = 6, c: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = 3.0 * torch.randn(n, c, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 0, 3][:n])
+    return logits, labels
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return -_log_softmax(logits)[np.arange(len(labels)), labels]
+
+
+def test_class_log_prior_by_hand():
+    prior = np.array(COUNTS, dtype=np.float64) / sum(COUNTS)
+    np.testing.assert_allclose(class_log_prior(COUNTS).numpy(), np.log(prior), rtol=1e-6)
+    with pytest.raises(FoproError, match="at least one training image"):
+        class_log_prior([5, 0, 3])
+
+
+def test_balanced_softmax_equals_hand_computation():
+    logits, labels = _batch()
+    log_prior = np.log(np.array(COUNTS, dtype=np.float64) / sum(COUNTS))
+    expected = _nll(logits.double().numpy() + log_prior, labels.numpy()).mean()
+    got = balanced_softmax(logits, labels, class_log_prior(COUNTS))
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    loss = SupervisedLoss("balanced_softmax", COUNTS)
+    assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    # the prior matters: rare classes are pushed harder than with plain CE
+    assert not math.isclose(float(got), _nll(logits.double().numpy(), labels.numpy()).mean(), rel_tol=1e-3)
+    # uniform counts: balanced softmax is plain cross-entropy
+    uniform = SupervisedLoss("balanced_softmax", [7, 7, 7, 7])
+    assert float(uniform(logits, labels)) == pytest.approx(_nll(logits.double().numpy(), labels.numpy()).mean(), rel=1e-5)
+
+
+def test_cross_entropy_equals_hand_computation():
+    logits, labels = _batch(seed=1)
+    loss = SupervisedLoss("ce", COUNTS)
+    expected = _nll(logits.double().numpy(), labels.numpy()).mean()
+    assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
+    loss.set_epoch(99, 100)  # DRW is for ldam_drw only
+    assert not loss.reweight
+    assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ldam_margins_by_hand():
+    loss = SupervisedLoss("ldam_drw", COUNTS)
+    raw = 1.0 / np.array(COUNTS, dtype=np.float64) ** 0.25
+    expected = raw * (0.5 / raw.max())
+    np.testing.assert_allclose(loss.margins.numpy(), expected, rtol=1e-6)
+    assert float(loss.margins.max()) == pytest.approx(0.5)
+    assert int(loss.margins.argmax()) == len(COUNTS) - 1  # the rarest class has the largest margin
+    assert np.all(np.diff(loss.margins.numpy()) > 0)
+
+
+def _drw_weights(counts: list[int]) -> np.ndarray:
+    n = np.array(counts, dtype=np.float64)
+    effective = (1.0 - 0.9999**n) / (1.0 - 0.9999)
+    w = 1.0 / effective
+    return w / w.sum() * len(counts)
+
+
+def _ldam_by_hand(logits: np.ndarray, labels: np.ndarray, counts: list[int], weights: np.ndarray | None) -> float:
+    raw = 1.0 / np.array(counts, dtype=np.float64) ** 0.25
+    margins = raw * (0.5 / raw.max())
+    shifted = logits.copy()
+    shifted[np.arange(len(labels)), labels] -= margins[labels]
+    nll = _nll(30.0 * shifted, labels)
+    if weights is None:
+        return float(nll.mean())
+    w = weights[labels]
+    return float((w * nll).sum() / w.sum())  # torch's weighted-mean reduction
+
+
+def test_ldam_drw_loss_and_reweighting_epoch_by_hand():
+    logits, labels = _batch(seed=2)
+    loss = SupervisedLoss("ldam_drw", COUNTS)
+    # float32 effective numbers (1 - 0.9999^n) lose ~4 digits to cancellation
+    np.testing.assert_allclose(loss.drw_weights.numpy(), _drw_weights(COUNTS), rtol=2e-4)
+    assert loss.drw_weights.sum().item() == pytest.approx(len(COUNTS), rel=1e-6)
+    plain = _ldam_by_hand(logits.double().numpy(), labels.numpy(), COUNTS, None)
+    weighted = _ldam_by_hand(logits.double().numpy(), labels.numpy(), COUNTS, _drw_weights(COUNTS))
+    assert not math.isclose(plain, weighted, rel_tol=1e-3)
+
+    epochs = 10  # DRW from epoch int(0.8 * 10) = 8 (0-based), i.e. for the last 2 epochs
+    switched = []
+    for epoch in range(epochs):
+        loss.set_epoch(epoch, epochs)
+        switched.append(loss.reweight)
+        expected = weighted if loss.reweight else plain
+        assert float(loss(logits, labels)) == pytest.approx(expected, rel=2e-4), epoch
+    assert switched == [False] * 8 + [True] * 2
+
+    loss.set_epoch(3, 5)  # int(0.8 * 5) = 4: not yet
+    assert not loss.reweight
+    loss.set_epoch(4, 5)
+    assert loss.reweight
+    loss.set_epoch(0, 1)  # a 1-epoch run: int(0.8) = 0, reweighted from the start
+    assert loss.reweight
+
+
+def test_ldam_margin_lowers_the_true_logit():
+    """With equal logits the LDAM loss exceeds plain CE, most for the rarest class."""
+    loss = SupervisedLoss("ldam_drw", COUNTS)
+    logits = torch.zeros(4, 4)
+    labels = torch.arange(4)
+    per_class = [float(loss(logits[i : i + 1], labels[i : i + 1])) for i in range(4)]
+    assert all(v > math.log(4) for v in per_class)
+    assert per_class == sorted(per_class)
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0]], 0.0),  # identical
+        ([[1.0, 2.0, 3.0]], [[2.0, 4.0, 6.0]], 0.0),  # same direction, other norm
+        ([[1.0, 2.0, 3.0]], [[-1.0, -2.0, -3.0]], 4.0),  # opposite
+        ([[1.0, 0.0, 0.0]], [[0.0, 5.0, 0.0]], 2.0),  # orthogonal
+        ([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [[3.0, 0.0], [-1.0, 0.0], [2.0, 0.0]], 2.0),  # mean of 0, 4 and 2
+        ([[1.0, 0.0]], [[1.0, 1.0]], 2.0 - math.sqrt(2.0)),  # 45 degrees
+    ],
+)
+def test_cosine_distance_golden_values(a, b, expected):
+    got = cosine_distance(torch.tensor(a), torch.tensor(b))
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+
+
+def test_cosine_distance_matches_numpy_and_reads_half_precision():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    an, bn = a.double().numpy(), b.double().numpy()
+    cos = (an * bn).sum(1) / np.linalg.norm(an, axis=1) / np.linalg.norm(bn, axis=1)
+    assert float(cosine_distance(a, b)) == pytest.approx(float(np.mean(2 - 2 * cos)), rel=1e-5)
+    half = cosine_distance(a.half(), b.bfloat16())
+    assert half.dtype == torch.float32
+    assert float(half) == pytest.approx(float(np.mean(2 - 2 * cos)), abs=2e-2)
+
+
+def test_feature_mse_by_hand():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+    assert float(feature_mse(a, b)) == pytest.approx((0 + 4 + 9 + 0) / 4)
+
+
+def test_unknown_loss_is_a_fopro_error():
+    with pytest.raises(FoproError, match=r"--loss focal is not known: choose one of balanced_softmax, ce, ldam_drw"):
+        SupervisedLoss("focal", COUNTS)
+    assert LOSSES == ("balanced_softmax", "ce", "ldam_drw")
+
+
+def test_losses_have_gradients():
+    logits, labels = _batch(seed=4)
+    for name in LOSSES:
+        x = logits.clone().requires_grad_(True)
+        SupervisedLoss(name, COUNTS)(x, labels).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
