@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from fopro.distributed import DistEnv, env_from_environment
 from fopro.evaluate import EvalOptions, evaluate
 from fopro.train import epoch_batches, epoch_order
 
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 
 
 def _distill(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
@@ -91,3 +89,21 @@ def test_environment_parsing(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     assert not env_from_environment().enabled
+
+
+def test_resume_with_a_different_number_of_processes(distill_data, tmp_path):
+    """A state saved at an epoch's end by 2 processes continues with 1, like a 1-process state does."""
+    common = ["--data", str(distill_data), "--method", "none", "--student", "test_vit", "--image-size", "32", "--epochs", "1", "--seed", "5"]
+    _distill(common + ["--batch-size", "8"], tmp_path / "two", 2)
+    _distill(common + ["--batch-size", "16"], tmp_path / "one", 1)
+    for name in ("two", "one"):  # one more epoch for both, each continued by a single process
+        config_path = tmp_path / name / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(epochs=2, batch_size=16)
+        config_path.write_text(json.dumps(config))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        resumed = subprocess.run([sys.executable, "-m", "fopro", "distill", "--resume", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=240)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    two, one = load_file(str(tmp_path / "two" / "last.safetensors")), load_file(str(tmp_path / "one" / "last.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=key)
