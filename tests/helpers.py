@@ -73,3 +73,12 @@ def tiny_checkpoint(path: Path, classes: list[str], arch: str = "test_resnet", i
         config={"seed": seed},
     )
     return save_checkpoint(path, model.state_dict(), meta), model
+
+
+def one_line(info, *parts: str) -> str:
+    """The message of a raised error (pytest.ExceptionInfo): one line, containing every part."""
+    message = str(info.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message
+    return message

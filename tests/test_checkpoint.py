@@ -13,17 +13,9 @@ from safetensors.torch import load_file, save_file
 from fopro import __version__
 from fopro.checkpoint import CheckpointMeta, build_model, file_sha256, load_checkpoint, load_meta, save_checkpoint, sidecar
 from fopro.errors import FoproError
-from helpers import tiny_checkpoint
+from helpers import one_line as _one_line, tiny_checkpoint
 
 CLASSES = ["nv", "mel", "bcc"]
-
-
-def _one_line(info: pytest.ExceptionInfo, *parts: str) -> str:
-    message = str(info.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, message
-    return message
 
 
 @pytest.fixture

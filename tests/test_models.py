@@ -18,7 +18,7 @@ from fopro.errors import FoproError
 from fopro.models import StudentOptions, Teacher, TeacherOptions, create_student, features_and_logits, load_teacher
 from fopro.models.teacher import teacher_image_size
 from fopro.models.weights import load_weights, read_state_dict, strip_wrappers
-from helpers import tiny_checkpoint
+from helpers import one_line as _one_line, tiny_checkpoint
 
 SIZE = 32
 
@@ -266,14 +266,6 @@ def test_pretrained_teacher_offline_is_a_clear_error(tmp_path: Path, monkeypatch
 
 
 # ------------------------------------------------------------------------------------------ errors
-
-
-def _one_line(info: pytest.ExceptionInfo, *parts: str) -> str:
-    message = str(info.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, message
-    return message
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:
