@@ -168,8 +168,11 @@ class FoProKD(EffectiveKD):
             loss.backward()
             parameters = list(self.fpg.parameters()) + list(self.teacher_head.parameters())
             self.sync_gradients(parameters)
-            nn.utils.clip_grad_norm_(parameters, 5.0)
-            self.fpg_optimizer.step()
+            # after the sync every process sees the same gradients, so all skip a non-finite update together
+            # (the loop then stops on the non-finite losses it gets back)
+            if all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
+                nn.utils.clip_grad_norm_(parameters, 5.0)
+                self.fpg_optimizer.step()
             if self.config.reuse_teacher_forward:
                 return embedding.detach(), parts
         else:

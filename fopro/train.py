@@ -149,6 +149,8 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         )
     if config.channels_last and device.type == "cuda":
         method.student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config, method.student_parameters())
     return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, env, notes)
 

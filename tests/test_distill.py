@@ -500,3 +500,21 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, runner, distill_value
     state = load_state(out / "resume.safetensors")
     assert state["epoch"] == 1 and state["step"] == 0
     assert all(torch.isfinite(t).all() for t in state["modules"]["student"].values() if t.is_floating_point())
+
+
+def test_a_non_finite_fpg_loss_leaves_the_fpg_and_teacher_head_unchanged(tmp_path, distill_values):
+    config = resolve_config({}, distill_values(method="fopro"))
+    run = build_run(config, tmp_path / "run")
+    method = run.method
+    method.train()
+    images, labels = _batch(run)
+    features, _ = method.student_forward(images)
+    projected, _ = method.heads(features)
+    fpg, teacher_head = _snapshot(method.fpg, method.teacher_head)
+    with torch.no_grad():
+        method.teacher_head.bias[0] = float("nan")  # makes the explore term, hence L_fpg, NaN
+    teacher_head["bias"] = method.teacher_head.bias.detach().clone()
+    _, parts = method.teacher_embedding(images, labels, projected, step=0)
+    assert math.isnan(parts["fpg"])
+    assert _unchanged(method.fpg, fpg), "a NaN FPG loss updated the FPG"
+    assert torch.equal(method.teacher_head.weight.detach(), teacher_head["weight"])
