@@ -6,6 +6,7 @@ on any machine. The data are SYNTHETIC lesion-like images, not medical images.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,6 @@ def ensure_demo_teacher(synth_root: Path, progress: ProgressFn = no_progress) ->
 
 
 def _finished(run_dir: Path) -> bool:
-    import json
-
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return False

@@ -16,6 +16,7 @@ from fopro.runtime import ProgressFn, no_progress
 from fopro.train import train
 
 DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv")
+RESUME_OVERRIDES = ("device", "workers")  # where a resumed run may run; everything else comes from the run
 
 
 def distill(
@@ -32,7 +33,7 @@ def distill(
     file_values = read_config_file(config_file) if config_file and resume is None else {}
     if resume is not None:
         config = load_run_config(Path(resume))
-        for key in ("device", "workers"):
+        for key in RESUME_OVERRIDES:
             if key in cli_values:
                 setattr(config, key, cli_values[key])
     else:
@@ -41,7 +42,7 @@ def distill(
     try:
         if resume is not None:
             summary = train(config, Path(resume), resume=True, progress=progress, env=env)
-            ignored = sorted(k for k in cli_values if k not in ("device", "workers"))
+            ignored = sorted(k for k in cli_values if k not in RESUME_OVERRIDES)
             if ignored:
                 summary["notes"].insert(0, f"--resume uses the run's saved options; ignored: {', '.join('--' + k.replace('_', '-') for k in ignored)}")
             return summary

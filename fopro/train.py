@@ -7,6 +7,7 @@ So a run resumed at any step boundary gives the same weights as an uninterrupted
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -17,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from fopro.checkpoint import CheckpointMeta, save_checkpoint
@@ -26,7 +28,7 @@ from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barr
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
 from fopro.fpg import FourierPromptGenerator
-from fopro.io import write_text
+from fopro.io import atomic_path, write_text
 from fopro.losses import SupervisedLoss
 from fopro.methods import Method, build_method
 from fopro.metrics import compute_metrics
@@ -346,11 +348,18 @@ def validate(run: Run) -> dict[str, Any]:
 
 def end_epoch(run: Run, progress: ProgressFn) -> None:
     """Validate, write last/best checkpoints and the FPG, the resumable state, then metrics.jsonl (rank 0 only)."""
-    if not run.env.is_main:
-        run.epoch += 1
-        run.step = 0
-        barrier(run.env)
-        return
+    if run.env.is_main:
+        write_epoch(run)
+    run.epoch += 1
+    run.step = 0
+    if run.env.is_main:
+        save_state(run.run_dir / "resume.safetensors", capture(run))
+        write_metrics(run)
+    barrier(run.env)
+
+
+def write_epoch(run: Run) -> None:
+    """Validation, then the last/best checkpoints and the FPG of the epoch that just ended."""
     val = validate(run)
     record = run.history[-1]
     record["val"] = val
@@ -365,25 +374,14 @@ def end_epoch(run: Run, progress: ProgressFn) -> None:
     fpg = getattr(run.method, "fpg", None)
     if fpg is not None:
         save_fpg(run, fpg)
-    run.epoch += 1
-    run.step = 0
-    save_state(run.run_dir / "resume.safetensors", capture(run))
-    write_metrics(run)
-    barrier(run.env)
 
 
 def save_fpg(run: Run, fpg: FourierPromptGenerator) -> None:
-    from safetensors.torch import save_file
-
-    from fopro.io import atomic_path
-
     with atomic_path(run.run_dir / "fpg.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in fpg.state_dict().items()}, str(tmp))
 
 
 def write_metrics(run: Run) -> None:
-    import json
-
     write_text(run.run_dir / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in run.history))
 
 

@@ -192,16 +192,21 @@ def _batch(run, n: int = 8):
     return images, labels
 
 
-def test_fpg_step_changes_only_the_fpg_and_teacher_head(tmp_path, distill_values):
-    config = resolve_config({}, distill_values(method="fopro", fpg_lr=0.01))
-    run = build_run(config, tmp_path / "run")
-    method = run.method
-    assert isinstance(method, FoProKD)
-    method.train()
+def _fopro_step_inputs(tmp_path, values: dict):
+    """A fopro run (method in train mode), one batch of it, and the batch's projected student features."""
+    run = build_run(resolve_config({}, values), tmp_path / "run")
+    run.method.train()
     images, labels = _batch(run)
     torch.manual_seed(0)
-    features, _ = method.student_forward(images)
-    projected, _ = method.heads(features)
+    features, _ = run.method.student_forward(images)
+    projected, _ = run.method.heads(features)
+    return run, images, labels, projected
+
+
+def test_fpg_step_changes_only_the_fpg_and_teacher_head(tmp_path, distill_values):
+    run, images, labels, projected = _fopro_step_inputs(tmp_path, distill_values(method="fopro", fpg_lr=0.01))
+    config, method = run.config, run.method
+    assert isinstance(method, FoProKD)
     student, heads, teacher, fpg, teacher_head = _snapshot(method.student, method.heads, method.teacher, method.fpg, method.teacher_head)
 
     # the loss at init: M == 1 so the regulariser is 0 and L_fpg = explore - alpha * adversarial
@@ -241,13 +246,8 @@ def test_fpg_step_changes_only_the_fpg_and_teacher_head(tmp_path, distill_values
 
 
 def test_fpg_step_runs_every_k_steps(tmp_path, distill_values):
-    config = resolve_config({}, distill_values(method="fopro", fpg_every=2))
-    run = build_run(config, tmp_path / "run")
+    run, images, labels, projected = _fopro_step_inputs(tmp_path, distill_values(method="fopro", fpg_every=2))
     method = run.method
-    method.train()
-    images, labels = _batch(run)
-    features, _ = method.student_forward(images)
-    projected, _ = method.heads(features)
     fpg, teacher_head = _snapshot(method.fpg, method.teacher_head)
     target, parts = method.teacher_embedding(images, labels, projected, step=1)  # not due
     assert parts == {} and not target.requires_grad
@@ -503,13 +503,8 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tmp_path, runner, distill_value
 
 
 def test_a_non_finite_fpg_loss_leaves_the_fpg_and_teacher_head_unchanged(tmp_path, distill_values):
-    config = resolve_config({}, distill_values(method="fopro"))
-    run = build_run(config, tmp_path / "run")
+    run, images, labels, projected = _fopro_step_inputs(tmp_path, distill_values(method="fopro"))
     method = run.method
-    method.train()
-    images, labels = _batch(run)
-    features, _ = method.student_forward(images)
-    projected, _ = method.heads(features)
     fpg, teacher_head = _snapshot(method.fpg, method.teacher_head)
     with torch.no_grad():
         method.teacher_head.bias[0] = float("nan")  # makes the explore term, hence L_fpg, NaN
