@@ -16,8 +16,9 @@ Every step is a `fopro` command a user could type (run as `python -m fopro ...` 
 Then it writes results.md, results.json and results.png (mean +- std over seeds of test balanced accuracy,
 tail recall, head recall, macro-F1 and val balanced accuracy; the teacher's probe accuracy for reference).
 
-Every method gets the same epochs, batch size and learning rate (Adam 3e-4, lambda = 3: fopro's defaults);
-nothing is tuned, and model selection (best epoch) uses the val split only. Steps whose outputs exist are
+Every method gets the same epochs, batch size, learning rate and augmentation (fopro's defaults: Adam with
+--lr auto, cosine schedule, lambda = 3; --augment dermoscopy, since the images are lesion-like); the recipe
+was chosen on val splits (examples/results/recipe/), nothing else is tuned, and model selection (best epoch) uses the val split only. Steps whose outputs exist are
 skipped, an interrupted training run is resumed (`fopro distill --resume`), so re-running the same
 command continues the protocol. A failing sub-command stops the script with its error.
 
@@ -83,9 +84,11 @@ class Scale:
     teacher: str = "resnet26"
     epochs: int = 15
     teacher_epochs: int = 6
-    teacher_lr: float = 1e-3
+    teacher_lr: float | None = None  # None: fopro's --lr auto
+    teacher_augment: str = "dermoscopy"
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float | None = None  # None: fopro's --lr auto
+    augment: str = "dermoscopy"  # the data are lesion-like: orientation carries no label
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     device: str = "cpu"
@@ -338,6 +341,14 @@ def distill(proto: Protocol, name: str, run: str, options: list[str], expected: 
 # --- results ----------------------------------------------------------------------------------------
 
 
+def lr_text(lr: float | None) -> str:
+    return "auto" if lr is None else f"{lr:g}"
+
+
+def lr_options(lr: float | None) -> list[str]:
+    return ["--lr", "auto" if lr is None else f"{lr:g}"]
+
+
 def epochs(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
@@ -388,8 +399,8 @@ def render_markdown(results: dict) -> str:
         "```",
         "",
         f"Scale ({scale['name']}): {scale['image_size']} px images; student {scale['student']}, "
-        f"teacher {scale['teacher']} (pre-trained {epochs(scale['teacher_epochs'])} on the public corpus, Adam lr {scale['teacher_lr']:g}, cross-entropy); "
-        f"students {epochs(scale['epochs'])}, batch {scale['batch_size']}, Adam lr {scale['lr']:g}, lambda 3 (fopro defaults), "
+        f"teacher {scale['teacher']} (pre-trained {epochs(scale['teacher_epochs'])} on the public corpus, Adam lr {lr_text(scale['teacher_lr'])}, --augment {scale['teacher_augment']}, cross-entropy); "
+        f"students {epochs(scale['epochs'])}, batch {scale['batch_size']}, Adam lr {lr_text(scale['lr'])}, --augment {scale['augment']}, lambda 3 (fopro defaults), "
         f"seeds {', '.join(map(str, scale['seeds']))}; device {scale['device']}.",
         f"Images: target train {counts['target_train']} (long-tailed, imbalance 0.01), val {counts['target_val']}, "
         f"test {counts['target_test']} (balanced); public train {counts['public_train']}, val {counts['public_val']}.",
@@ -397,8 +408,9 @@ def render_markdown(results: dict) -> str:
         + (f" (estimate for the whole protocol: {results['estimate_seconds']['total'] / 60:.0f} min)" if results.get("estimate_seconds") else "")
         + ".",
         "",
-        "SYNTHETIC lesion-like images, not medical images. Every method has the same epochs, batch and learning "
-        "rate (nothing tuned); each run's checkpoint is its epoch with the best VAL balanced accuracy; the test "
+        "SYNTHETIC lesion-like images, not medical images. Every method has the same epochs, batch, learning "
+        "rate and augmentation (fopro's default recipe, chosen on val splits: examples/results/recipe/; the method "
+        "options are not tuned); each run's checkpoint is its epoch with the best VAL balanced accuracy; the test "
         "split is used only for the numbers below.",
         "",
         f"Groups (by training count): {results['groups_text']}.",
@@ -505,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", help="Student timm model (default resnet18; --quick test_resnet).")
     parser.add_argument("--teacher", help="Teacher timm model, trained on the public corpus (default resnet26; --full resnet50; --quick resnet10t).")
     parser.add_argument("--batch-size", type=int, help="Batch size of every run (default 32; --quick 8).")
-    parser.add_argument("--lr", type=float, help="Adam learning rate of every student (default 3e-4).")
+    parser.add_argument("--lr", type=float, help="Adam learning rate of every student (default: fopro's --lr auto).")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu; --full cuda).")
     parser.add_argument("--dry-run", action="store_true", help="Print the scale and the time estimate, run nothing.")
     scale_group = parser.add_mutually_exclusive_group()
@@ -532,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  images: {scale.image_size} px; target train {counts['target_train']} (long-tailed), val {counts['target_val']}, "
           f"test {counts['target_test']}; public train {counts['public_train']}, val {counts['public_val']}")
     print(f"  teacher {scale.teacher}: {epochs(scale.teacher_epochs)} on the public corpus; student {scale.student}: "
-          f"{epochs(scale.epochs)}, batch {scale.batch_size}, lr {scale.lr:g}; methods {', '.join(scale.methods)}; "
+          f"{epochs(scale.epochs)}, batch {scale.batch_size}, lr {lr_text(scale.lr)}, --augment {scale.augment}; methods {', '.join(scale.methods)}; "
           f"seeds {', '.join(map(str, scale.seeds))}; device {scale.device}")
     print(f"  {len(runs)} student runs; output folder {out}")
     if estimate:
@@ -571,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. teacher: the stand-in for a public pre-trained model
     teacher_options = ["--data", "data/public", "--method", "none", "--loss", "ce", "--student", scale.teacher,
                        "--image-size", str(scale.image_size), "--epochs", str(scale.teacher_epochs),
-                       "--batch-size", str(scale.batch_size), "--lr", f"{scale.teacher_lr:g}", "--device", scale.device, "--seed", "0"]
+                       "--batch-size", str(scale.batch_size), *lr_options(scale.teacher_lr), "--augment", scale.teacher_augment,
+                       "--device", scale.device, "--seed", "0"]
     teacher_expected = {"data": "data/public", "student": scale.teacher, "image_size": scale.image_size,
                         "epochs": scale.teacher_epochs, "batch_size": scale.batch_size, "method": "none", "loss": "ce"}
     teacher = distill(proto, f"pre-train the teacher {scale.teacher} on the public corpus", "teacher", teacher_options, teacher_expected, scale.device)
@@ -598,10 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         options = ["--data", "data/target", "--student", scale.student, "--image-size", str(scale.image_size), *METHODS[method][1]]
         if method != "none":
             options += ["--teacher", teacher_ckpt]
-        options += ["--epochs", str(scale.epochs), "--batch-size", str(scale.batch_size), "--lr", f"{scale.lr:g}",
+        options += ["--epochs", str(scale.epochs), "--batch-size", str(scale.batch_size), *lr_options(scale.lr), "--augment", scale.augment,
                     "--device", scale.device, "--seed", str(seed), *scale.thresholds]
         expected = {"data": "data/target", "student": scale.student, "image_size": scale.image_size, "method": METHODS[method][1][1],
-                    "epochs": scale.epochs, "batch_size": scale.batch_size, "lr": scale.lr, "seed": seed,
+                    "epochs": scale.epochs, "batch_size": scale.batch_size, "lr": scale.lr, "augment": scale.augment, "seed": seed,
                     "adv_weight": 0.0 if method == "fopro-no-akd" else 1.0, "teacher": None if method == "none" else teacher_ckpt}
         summaries[method, seed] = distill(proto, f"train student {method}, seed {seed}", f"runs/{method}-seed{seed}", options, expected, scale.device)
 

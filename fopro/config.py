@@ -13,12 +13,18 @@ from typing import Any
 import yaml
 
 from fopro.data import DataOptions
+from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, parse_scale, resolve_augment
 from fopro.errors import FoproError
-from fopro.losses import LOSSES
+from fopro.losses import check_loss
 from fopro.methods import METHODS, MethodConfig
 from fopro.models import StudentOptions, TeacherOptions
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+# --lr auto: Adam's peak rate at a global batch of 32, scaled with the square root of the batch (timm's
+# rule for adaptive optimisers); SGD's is the linear rule of Goyal et al. (0.1 at 256). Adam's base was
+# chosen on the val splits of three datasets (examples/results/recipe/); SGD's was not searched.
+AUTO_LR = {"adam": (1e-3, 32, 0.5), "sgd": (0.1, 256, 1.0)}
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -38,6 +44,13 @@ class DistillConfig:
     imbalance: float | None = None
     data_seed: int = 0
     skip_bad_images: bool = False
+    # augmentation (a preset, and knobs that override it when given)
+    augment: str = DEFAULT_PRESET
+    hflip: float | None = None
+    vflip: float | None = None
+    rotate: float | None = None
+    scale: list[float] | None = None
+    color_jitter: float | None = None
     # models
     teacher: str | None = None
     teacher_weights: str | None = None
@@ -63,7 +76,8 @@ class DistillConfig:
     epochs: int = 100
     batch_size: int = 32
     optimizer: str = "adam"
-    lr: float = 3e-4
+    lr: float | None = None
+    schedule: str = "cosine"
     weight_decay: float = 0.0
     momentum: float = 0.9
     warmup_epochs: float = 1.0
@@ -96,6 +110,11 @@ class DistillConfig:
             skip_bad_images=self.skip_bad_images,
         )
 
+    def augment_config(self) -> AugmentConfig:
+        return resolve_augment(
+            self.augment, hflip=self.hflip, vflip=self.vflip, rotate=self.rotate, scale=self.scale, color_jitter=self.color_jitter
+        )
+
     def teacher_options(self) -> TeacherOptions:
         return TeacherOptions(
             teacher=self.teacher or "",
@@ -122,6 +141,13 @@ class DistillConfig:
             reuse_teacher_forward=self.reuse_teacher_forward,
         )
 
+    def learning_rate(self, world_size: int = 1) -> float:
+        """--lr, or with --lr auto (None) the optimiser's base rate scaled to the global batch."""
+        if self.lr is not None:
+            return self.lr
+        base, base_batch, power = AUTO_LR[self.optimizer]
+        return base * (self.batch_size * world_size / base_batch) ** power
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -134,7 +160,7 @@ def validate(config: DistillConfig) -> None:
     checks = [
         (config.epochs >= 1, "--epochs", "must be at least 1"),
         (config.batch_size >= 1, "--batch-size", "must be at least 1"),
-        (config.lr > 0, "--lr", "must be greater than 0"),
+        (config.lr is None or config.lr > 0, "--lr", "must be greater than 0 (or auto)"),
         (config.fpg_lr > 0, "--fpg-lr", "must be greater than 0"),
         (config.image_size >= 16, "--image-size", "must be at least 16 pixels"),
         (config.fpg_every >= 1, "--fpg-every", "must be at least 1"),
@@ -150,10 +176,12 @@ def validate(config: DistillConfig) -> None:
         if not ok:
             value = getattr(config, option[2:].replace("-", "_"))
             raise FoproError(f"{option} {value} {what}")
-    choices = [("method", METHODS), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("amp", AMP_MODES)]
+    check_loss(config.loss)
+    choices = [("method", METHODS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)]
     for name, allowed in choices:
         if getattr(config, name) not in allowed:
             raise FoproError(f"--{name} {getattr(config, name)} is not known: choose one of {', '.join(allowed)}")
+    config.augment_config()
     if config.imbalance is not None and not 0 < config.imbalance <= 1:
         raise FoproError(f"--imbalance {config.imbalance} is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01")
 
@@ -211,6 +239,20 @@ def _coerce(key: str, value: Any) -> Any:
     default = getattr(DistillConfig(), key)
     if key == "classes" and isinstance(value, str):
         return [c.strip() for c in value.split(",") if c.strip()]
+    if key == "scale":
+        return list(parse_scale(value))
+    if key == "lr" and value == "auto":
+        return None
+    if key == "lr" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
+    if key in OPTIONAL_FLOATS:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise FoproError(f"option {key} = {value!r} has the wrong type: expected a number") from None
     if isinstance(value, Path):
         return str(value)
     try:
@@ -229,6 +271,7 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+OPTIONAL_FLOATS = ("hflip", "vflip", "rotate", "color_jitter", "imbalance", "lr")
 PATH_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "teacher_weights", "student_weights", "probe_init", "out")
 
 

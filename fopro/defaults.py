@@ -15,10 +15,12 @@ from fopro.config import DistillConfig
 from fopro.data.synth import SynthConfig, generate_synth, is_synth_dataset
 from fopro.runtime import ProgressFn, no_progress
 
-CACHE_VERSION = "v1"
+SYNTH_CACHE_VERSION = "v1"
+TEACHER_CACHE_VERSION = "v2"  # v2: trained with the recipe of fopro 0.2 (lr auto, --augment)
 DEMO_TEACHER_ARCH = "resnet26"
 DEMO_TEACHER_EPOCHS = 6
 DEMO_EPOCHS = 6
+DEMO_AUGMENT = "dermoscopy"  # the synthetic images are lesion-like: orientation carries no label
 
 
 @dataclass
@@ -37,7 +39,7 @@ def cache_dir() -> Path:
 
 
 def ensure_synth(progress: ProgressFn = no_progress) -> Path:
-    root = cache_dir() / f"synth-{CACHE_VERSION}"
+    root = cache_dir() / f"synth-{SYNTH_CACHE_VERSION}"
     if not is_synth_dataset(root):
         generate_synth(root, SynthConfig(), progress=lambda done, total: progress("generating synthetic data", done, total))
     return root
@@ -53,14 +55,14 @@ def demo_teacher_config(synth_root: Path) -> DistillConfig:
         image_size=64,
         epochs=DEMO_TEACHER_EPOCHS,
         batch_size=32,
-        lr=1e-3,
+        augment=DEMO_AUGMENT,
     )
 
 
 def ensure_demo_teacher(synth_root: Path, progress: ProgressFn = no_progress) -> Path:
     from fopro.train import train
 
-    run_dir = cache_dir() / f"demo-teacher-{CACHE_VERSION}"
+    run_dir = cache_dir() / f"demo-teacher-{TEACHER_CACHE_VERSION}"
     best = run_dir / "best.safetensors"
     if _finished(run_dir):
         return best

@@ -9,7 +9,8 @@ from typing import Any
 
 from fopro.config import DistillConfig, absolute_paths, load_run_config, read_config_file, resolve_config
 from fopro import distributed
-from fopro.defaults import DEMO_EPOCHS, embedded_default
+from fopro.data.augment import KNOBS
+from fopro.defaults import DEMO_AUGMENT, DEMO_EPOCHS, embedded_default
 from fopro.distributed import DistEnv
 from fopro.errors import FoproError
 from fopro.runtime import ProgressFn, no_progress
@@ -77,4 +78,10 @@ def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progres
         config.teacher = str(default.teacher_checkpoint)
     if "epochs" not in given:
         config.epochs = DEMO_EPOCHS
-    return config, default.notes + [f"{config.epochs} epochs at {config.image_size} px on the synthetic data"]
+    augment_given = any(key in given for key in ("augment", *KNOBS))
+    if not augment_given:
+        config.augment = DEMO_AUGMENT
+    return config, default.notes + [
+        f"{config.epochs} epochs at {config.image_size} px on the synthetic data"
+        + ("" if augment_given else f", --augment {DEMO_AUGMENT} (lesion-like images have no orientation)")
+    ]

@@ -1,4 +1,4 @@
-"""Long-tailed supervised losses (CE, balanced softmax, LDAM-DRW) and the distillation terms (EKD cosine, KD MSE)."""
+"""Long-tailed supervised losses (CE, balanced softmax) and the distillation terms (EKD cosine, KD MSE)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from torch import nn
 
 from fopro.errors import FoproError
 
-LOSSES = ("balanced_softmax", "ce", "ldam_drw")
+LOSSES = ("balanced_softmax", "ce")
+# LDAM (Cao et al., 2019) needs a cosine classifier (normalised features and weights, scale 30); on the plain
+# linear head of a timm student its margins act on unbounded logits, so it was removed rather than kept wrong.
+REMOVED_LOSSES = {"ldam_drw": "was removed (LDAM needs a cosine classifier, which fopro's students do not have): use balanced_softmax"}
 
 
 def class_log_prior(train_counts: list[int]) -> torch.Tensor:
@@ -33,38 +36,23 @@ def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class SupervisedLoss(nn.Module):
-    """L_sup(logits, y) for one of LOSSES, with the training class counts it needs.
+    """L_sup(logits, y) for one of LOSSES, with the training class counts that balanced softmax needs."""
 
-    LDAM-DRW (Cao et al., 2019): per-class margins C / n_j^(1/4) scaled to `max_margin`, logits scaled
-    by `scale`, and class re-weighting (effective number, beta 0.9999) from epoch `drw_start` on.
-    """
-
-    def __init__(self, name: str, train_counts: list[int], max_margin: float = 0.5, scale: float = 30.0, drw_fraction: float = 0.8):
+    def __init__(self, name: str, train_counts: list[int]):
         super().__init__()
-        if name not in LOSSES:
-            raise FoproError(f"--loss {name} is not known: choose one of {', '.join(LOSSES)}")
+        check_loss(name)
         self.name = name
         self.register_buffer("log_prior", class_log_prior(train_counts))
-        counts = torch.tensor(train_counts, dtype=torch.float32)
-        margins = 1.0 / counts.pow(0.25)
-        self.register_buffer("margins", margins * (max_margin / margins.max()))
-        effective = (1.0 - 0.9999 ** counts) / (1.0 - 0.9999)
-        weights = 1.0 / effective
-        self.register_buffer("drw_weights", weights / weights.sum() * len(train_counts))
-        self.scale = scale
-        self.drw_fraction = drw_fraction
-        self.reweight = False
-
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        self.reweight = self.name == "ldam_drw" and epoch >= int(self.drw_fraction * epochs)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.name == "balanced_softmax":
             return balanced_softmax(logits, labels, self.log_prior)
-        if self.name == "ce":
-            return F.cross_entropy(logits, labels)
-        margin = self.margins[labels]
-        shifted = logits - F.one_hot(labels, logits.shape[1]).to(logits.dtype) * margin[:, None]
-        weight = self.drw_weights if self.reweight else None
-        return F.cross_entropy(self.scale * shifted, labels, weight=weight)
+        return F.cross_entropy(logits, labels)
+
+
+def check_loss(name: str) -> None:
+    if name in REMOVED_LOSSES:
+        raise FoproError(f"--loss {name} {REMOVED_LOSSES[name]}")
+    if name not in LOSSES:
+        raise FoproError(f"--loss {name} is not known: choose one of {', '.join(LOSSES)}")

@@ -24,6 +24,7 @@ from torch import nn
 from fopro.checkpoint import CheckpointMeta, save_checkpoint
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits
+from fopro.data.augment import describe
 from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barrier, device_for
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
@@ -63,6 +64,7 @@ class Run:
     student_preprocess: Preprocess
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None
+    lr: float
     env: DistEnv = SINGLE
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -93,10 +95,12 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
     return [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(count)]
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up, then cosine decay to zero (or a constant rate)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -113,7 +117,7 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_progress, env: DistEnv = SINGLE) -> Run:
     device = device_for(env, resolve_device(config.device))
-    notes: list[str] = []
+    notes = config_warnings(config)
     data = config.data_options()
     splits = load_splits(data)
     train_manifest = splits.require("train", "give --train-csv or a train/ folder")
@@ -122,7 +126,10 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     if empty:
         raise FoproError(f"class(es) {', '.join(empty)} have no training image: add images or drop the class")
     progress("checking images", 0, 1)
-    train_set = checked_dataset(train_manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed)
+    augmentation = config.augment_config()
+    train_set = checked_dataset(
+        train_manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed, augment_config=augmentation
+    )
     val_set = None
     if "val" in splits and len(splits["val"]):
         val_set = checked_dataset(splits["val"], config.image_size, data.skip_bad_images)
@@ -153,8 +160,27 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         method.student.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(config, method.student_parameters())
-    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, env, notes)
+    lr = config.learning_rate(env.world_size)
+    if config.lr is None:
+        notes.append(f"--lr auto: {lr:.3g} for {config.optimizer} at a global batch of {config.batch_size * env.world_size}")
+    optimizer = make_optimizer(config, method.student_parameters(), lr)
+    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, lr, env, notes)
+
+
+def config_warnings(config: DistillConfig) -> list[str]:
+    """Option combinations that run but are probably not what the user wants."""
+    warnings = []
+    if config.balanced_sampler and config.loss == "balanced_softmax":
+        warnings.append(
+            "warning: --balanced-sampler with --loss balanced_softmax corrects the class imbalance twice (rare classes end up "
+            "over-predicted): use --loss ce with --balanced-sampler, or drop --balanced-sampler"
+        )
+    if config.augment_config().flips_or_turns:
+        warnings.append(
+            f"augmentation {config.augment} flips or turns images: right only if orientation carries no label "
+            "(lesions, cells); for radiographs or any image with a side and an up use --augment radiograph or standard"
+        )
+    return warnings
 
 
 def build_fpg(config: DistillConfig) -> FourierPromptGenerator:
@@ -167,10 +193,10 @@ def build_fpg(config: DistillConfig) -> FourierPromptGenerator:
     return fpg
 
 
-def make_optimizer(config: DistillConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(config: DistillConfig, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
-    return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(parameters, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=config.weight_decay)
 
 
 def autocast(run: Run):
@@ -230,7 +256,6 @@ def train(
 def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], progress: ProgressFn) -> None:
     config, method = run.config, run.method
     run.train_set.set_epoch(run.epoch)
-    run.method.sup_loss.set_epoch(run.epoch, config.epochs)
     batches = local_batches(run)
     total_steps = config.epochs * len(batches)
     warmup = int(config.warmup_epochs * len(batches))
@@ -242,9 +267,9 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     started, seen = time.perf_counter(), 0
     for images, labels, _ in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
-        factor = lr_factor(run.epoch * len(batches) + run.step, total_steps, warmup)
+        factor = lr_factor(run.epoch * len(batches) + run.step, total_steps, warmup, config.schedule)
         for group in run.optimizer.param_groups:
-            group["lr"] = config.lr * factor
+            group["lr"] = run.lr * factor
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         try:
             parts, stop = optimisation_step(
@@ -396,7 +421,7 @@ def checkpoint_meta(run: Run, val: dict[str, Any]) -> CheckpointMeta:
         train_counts=list(run.train_counts),
         epoch=run.epoch + 1,
         metrics={"val": val},
-        config=run.config.to_dict(),
+        config={**run.config.to_dict(), "augmentation": run.train_set.augment_config.as_dict()},
     )
 
 
@@ -445,6 +470,9 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "epochs": run.config.epochs,
         "classes": run.splits.classes,
         "train_counts": run.train_counts,
+        "lr": run.lr,
+        "augmentation": {"preset": run.config.augment, **run.train_set.augment_config.as_dict()},
+        "augmentation_text": describe(run.config.augment, run.train_set.augment_config),
         "best_epoch": best.get("epoch"),
         "best_val": best.get("val"),
         "checkpoints": {"best": str(run.run_dir / "best.safetensors"), "last": str(run.run_dir / "last.safetensors")},

@@ -414,7 +414,7 @@ CASES: list[Case] = [
     Case("unknown-teacher-distill", "options", _unknown_teacher("distill"), ("did you mean resnet18",)),
     Case("unknown-teacher-probe", "options", _unknown_teacher("probe"), ("did you mean resnet18",)),
     Case("unknown-method", "options", _option("--method", "fopro-kd"), ("choose one of none, kd, ekd, fopro",)),
-    Case("unknown-loss", "options", _option("--loss", "focal"), ("choose one of balanced_softmax, ce, ldam_drw",)),
+    Case("unknown-loss", "options", _option("--loss", "focal"), ("choose one of balanced_softmax, ce",)),
     Case("config-unknown-key-close-name", "options", _config_unknown_key("epoch"), ("(did you mean epochs?)",)),
     Case("config-unknown-key-no-close-name", "options", _config_unknown_key("learning_rate"), ("options of `fopro distill --help`",)),
     Case("config-invalid-yaml", "options", _config_invalid_yaml, ("fix the syntax",)),

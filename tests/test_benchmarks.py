@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,16 +190,48 @@ def test_benchmark_step_is_the_training_loop_step(tmp_path):
 
     mirror = build_run(config, tmp_path / "mirror")
     mirror.train_set.set_epoch(0)
-    mirror.method.sup_loss.set_epoch(0, config.epochs)
     batches = epoch_batches(epoch_order(mirror.train_set.manifest.labels, 0, config.seed, config.balanced_sampler), config.batch_size)
     assert len(batches) == 3  # FPG steps at 0 and 2, a plain step at 1
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     mirror.method.train()
     for step, (images, labels, _) in enumerate(make_loader(mirror, batches)):
-        lr = config.lr * lr_factor(step, config.epochs * len(batches), int(config.warmup_epochs * len(batches)))
+        lr = mirror.lr * lr_factor(step, config.epochs * len(batches), int(config.warmup_epochs * len(batches)))
         train_step(mirror.method, mirror.optimizer, scaler, images, labels, step, seed=config.seed, epoch=0, lr=lr, grad_clip=config.grad_clip)
 
     for name, module in reference.method.trainable_state().items():
         other = mirror.method.trainable_state()[name].state_dict()
         for key, value in module.state_dict().items():
             assert torch.equal(value, other[key]), f"{name}.{key} differs: the benchmark step no longer mirrors train_epoch"
+
+
+def test_reference_loop_and_fopro_on_one_folder(tmp_path):
+    """benchmarks/reference_loop.py trains the plain loop and `fopro distill --method none` on the same folder."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", {"train": {"a": 6, "b": 4}, "val": {"a": 2, "b": 2}, "test": {"a": 2, "b": 2}}, size=32)
+    out = tmp_path / "ref.json"
+    command = [sys.executable, str(BENCHMARKS / "reference_loop.py"), "--data", str(root), "--student", "test_resnet",
+               "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--threads", "1",
+               "--fopro-args", "--augment radiograph --workers 0", "--json-out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["epoch"] for row in result["reference"]["history"]] == [1, 2]
+    for name in ("reference", "fopro"):
+        best = result[name]["best_val_epoch"]
+        assert 0 <= best["val"] <= 1 and 0 <= best["test"] <= 1 and best["epoch"] in (1, 2)
+    assert "--augment radiograph" in result["fopro"]["command"] and result["fopro"]["augmentation"].startswith("radiograph")
+    assert result["fopro_minus_reference_test_points"] == pytest.approx(
+        100 * (result["fopro"]["best_val_epoch"]["test"] - result["reference"]["best_val_epoch"]["test"]), abs=0.01)
+    assert "fopro - reference" in done.stdout
+
+
+def test_reference_balanced_accuracy_is_scikit_learns():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from benchmarks.reference_loop import balanced_accuracy
+
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    assert balanced_accuracy(labels, predictions) == pytest.approx(balanced_accuracy_score(labels, predictions))

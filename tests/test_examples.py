@@ -163,7 +163,7 @@ def test_presets_and_estimate():
     default = run()
     assert default.returncode == 0, default.stderr
     assert "target train 1028" in default.stdout and "public train 3000" in default.stdout
-    assert "teacher resnet26: 6 epochs" in default.stdout and "student resnet18: 15 epochs, batch 32, lr 0.0003" in default.stdout
+    assert "teacher resnet26: 6 epochs" in default.stdout and "student resnet18: 15 epochs, batch 32, lr auto, --augment dermoscopy" in default.stdout
     assert "15 student runs" in default.stdout
     minutes = int(re.search(r"estimate on 2 CPU cores: ~(\d+) min", default.stdout).group(1))
     assert minutes <= 50
@@ -253,7 +253,7 @@ def test_isic_run_sh_commands(tmp_path):
     joined = " ".join(first)
     assert f"--train-csv {csvs}/train_skin1_0.002.csv --val-csv {csvs}/val_skin1_0.002.csv --test-csv {csvs}/test_skin1_0.002.csv" in joined
     assert f"--images {images}" in joined
-    for option in ("--student resnet18", "--image-size 224", "--method none", "--epochs 100", "--batch-size 32", "--lr 3e-4",
+    for option in ("--student resnet18", "--image-size 224", "--method none", "--epochs 100", "--batch-size 32", "--lr 3e-4", "--augment dermoscopy",
                    "--ekd-weight 3", "--device cuda"):
         assert option in joined, option
     assert "--teacher" not in first  # the supervised baseline has no teacher

@@ -58,75 +58,6 @@ def test_cross_entropy_equals_hand_computation():
     loss = SupervisedLoss("ce", COUNTS)
     expected = _nll(logits.double().numpy(), labels.numpy()).mean()
     assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
-    loss.set_epoch(99, 100)  # DRW is for ldam_drw only
-    assert not loss.reweight
-    assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5)
-
-
-def test_ldam_margins_by_hand():
-    loss = SupervisedLoss("ldam_drw", COUNTS)
-    raw = 1.0 / np.array(COUNTS, dtype=np.float64) ** 0.25
-    expected = raw * (0.5 / raw.max())
-    np.testing.assert_allclose(loss.margins.numpy(), expected, rtol=1e-6)
-    assert float(loss.margins.max()) == pytest.approx(0.5)
-    assert int(loss.margins.argmax()) == len(COUNTS) - 1  # the rarest class has the largest margin
-    assert np.all(np.diff(loss.margins.numpy()) > 0)
-
-
-def _drw_weights(counts: list[int]) -> np.ndarray:
-    n = np.array(counts, dtype=np.float64)
-    effective = (1.0 - 0.9999**n) / (1.0 - 0.9999)
-    w = 1.0 / effective
-    return w / w.sum() * len(counts)
-
-
-def _ldam_by_hand(logits: np.ndarray, labels: np.ndarray, counts: list[int], weights: np.ndarray | None) -> float:
-    raw = 1.0 / np.array(counts, dtype=np.float64) ** 0.25
-    margins = raw * (0.5 / raw.max())
-    shifted = logits.copy()
-    shifted[np.arange(len(labels)), labels] -= margins[labels]
-    nll = _nll(30.0 * shifted, labels)
-    if weights is None:
-        return float(nll.mean())
-    w = weights[labels]
-    return float((w * nll).sum() / w.sum())  # torch's weighted-mean reduction
-
-
-def test_ldam_drw_loss_and_reweighting_epoch_by_hand():
-    logits, labels = _batch(seed=2)
-    loss = SupervisedLoss("ldam_drw", COUNTS)
-    # float32 effective numbers (1 - 0.9999^n) lose ~4 digits to cancellation
-    np.testing.assert_allclose(loss.drw_weights.numpy(), _drw_weights(COUNTS), rtol=2e-4)
-    assert loss.drw_weights.sum().item() == pytest.approx(len(COUNTS), rel=1e-6)
-    plain = _ldam_by_hand(logits.double().numpy(), labels.numpy(), COUNTS, None)
-    weighted = _ldam_by_hand(logits.double().numpy(), labels.numpy(), COUNTS, _drw_weights(COUNTS))
-    assert not math.isclose(plain, weighted, rel_tol=1e-3)
-
-    epochs = 10  # DRW from epoch int(0.8 * 10) = 8 (0-based), i.e. for the last 2 epochs
-    switched = []
-    for epoch in range(epochs):
-        loss.set_epoch(epoch, epochs)
-        switched.append(loss.reweight)
-        expected = weighted if loss.reweight else plain
-        assert float(loss(logits, labels)) == pytest.approx(expected, rel=2e-4), epoch
-    assert switched == [False] * 8 + [True] * 2
-
-    loss.set_epoch(3, 5)  # int(0.8 * 5) = 4: not yet
-    assert not loss.reweight
-    loss.set_epoch(4, 5)
-    assert loss.reweight
-    loss.set_epoch(0, 1)  # a 1-epoch run: int(0.8) = 0, reweighted from the start
-    assert loss.reweight
-
-
-def test_ldam_margin_lowers_the_true_logit():
-    """With equal logits the LDAM loss exceeds plain CE, most for the rarest class."""
-    loss = SupervisedLoss("ldam_drw", COUNTS)
-    logits = torch.zeros(4, 4)
-    labels = torch.arange(4)
-    per_class = [float(loss(logits[i : i + 1], labels[i : i + 1])) for i in range(4)]
-    assert all(v > math.log(4) for v in per_class)
-    assert per_class == sorted(per_class)
 
 
 @pytest.mark.parametrize(
@@ -164,9 +95,15 @@ def test_feature_mse_by_hand():
 
 
 def test_unknown_loss_is_a_fopro_error():
-    with pytest.raises(FoproError, match=r"--loss focal is not known: choose one of balanced_softmax, ce, ldam_drw"):
+    with pytest.raises(FoproError, match=r"--loss focal is not known: choose one of balanced_softmax, ce"):
         SupervisedLoss("focal", COUNTS)
-    assert LOSSES == ("balanced_softmax", "ce", "ldam_drw")
+    assert LOSSES == ("balanced_softmax", "ce")
+
+
+def test_ldam_was_removed_with_a_pointer():
+    """LDAM without a cosine classifier puts its margins on unbounded logits: refused, naming what to use."""
+    with pytest.raises(FoproError, match=r"--loss ldam_drw was removed \(LDAM needs a cosine classifier.*use balanced_softmax"):
+        SupervisedLoss("ldam_drw", COUNTS)
 
 
 def test_losses_have_gradients():

@@ -142,7 +142,7 @@ for fold in $FOLDS; do
             overwrite=()
             if [[ -f "$dir/config.json" ]]; then overwrite=(--overwrite); fi  # started, but no epoch saved
             run "$FOPRO" distill "${data[@]}" ${targs[@]+"${targs[@]}"} --student resnet18 --image-size "$IMAGE_SIZE" "${margs[@]}" \
-                --ekd-weight "$EKD_WEIGHT" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --optimizer adam --lr "$LR" \
+                --ekd-weight "$EKD_WEIGHT" --epochs "$EPOCHS" --batch-size "$BATCH_SIZE" --optimizer adam --lr "$LR" --augment dermoscopy \
                 --seed "$SEED" --device "$DEVICE" --amp "$AMP" "${groups[@]}" ${optional[@]+"${optional[@]}"} --out "$dir" ${overwrite[@]+"${overwrite[@]}"}
         fi
         # model selection is on val (best.safetensors = best val balanced accuracy); test only here

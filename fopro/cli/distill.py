@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from fopro.cli.common import cli_errors, console, err_console, print_json, progress_bar, with_data_values
 from fopro.cli.render import fmt, render_eval
+from fopro.data.augment import DEFAULT_PRESET, PRESET_HELP
 from fopro.distill import distill
 from fopro.distributed import env_from_environment
 from fopro.train import TrainingInterrupted
@@ -18,6 +20,8 @@ STUDENT = "Student"
 METHOD = "Method"
 FPG = "Fourier Prompt Generator"
 OPTIM = "Optimisation"
+AUGMENT = "Augmentation (train split)"
+AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
 
 @cli_errors
@@ -25,6 +29,12 @@ OPTIM = "Optimisation"
 def distill_cli(
     ctx: typer.Context,
     data_values: dict,
+    augment: Annotated[str, typer.Option(help=f"Augmentation preset of the train split (the student, the teacher and the FPG see the same augmented image). {AUGMENT_PRESETS}. The knobs below override it.", rich_help_panel=AUGMENT)] = DEFAULT_PRESET,
+    hflip: Annotated[Optional[float], typer.Option(help="Horizontal flip probability (0 turns flips off).", rich_help_panel=AUGMENT)] = None,
+    vflip: Annotated[Optional[float], typer.Option(help="Vertical flip probability (0 turns flips off).", rich_help_panel=AUGMENT)] = None,
+    rotate: Annotated[Optional[float], typer.Option(help="Largest random rotation in degrees (0 turns rotation off, 90-degree turns too).", rich_help_panel=AUGMENT)] = None,
+    scale: Annotated[Optional[str], typer.Option(metavar="MIN,MAX", help="Area fraction of the random crop, e.g. 0.8,1.0 (1,1: no zoom).", rich_help_panel=AUGMENT)] = None,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Brightness/contrast/saturation change in [1-F, 1+F] (0 turns it off).", rich_help_panel=AUGMENT)] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher: a timm model name (weights from --teacher-weights or timm's hub), or a fopro checkpoint .safetensors. None with no data: the synthetic demo.", rich_help_panel=TEACHER)] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option(help="Local teacher weights: .safetensors, .pth or .pth.tar (timm, torchvision, MoCo v2, DINOv2 layouts).", rich_help_panel=TEACHER)] = None,
     teacher_image_size: Annotated[Optional[int], typer.Option(help="Teacher input size (default: the student's, rounded to the patch size of ViT teachers).", rich_help_panel=TEACHER)] = None,
@@ -33,7 +43,7 @@ def distill_cli(
     student_weights: Annotated[Optional[Path], typer.Option(help="Local pretrained weights for the student (its classifier is re-initialised).", rich_help_panel=STUDENT)] = None,
     image_size: Annotated[int, typer.Option(help="Student (and FPG) input size in pixels.", rich_help_panel=STUDENT)] = 64,
     method: Annotated[str, typer.Option(help="none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head) | fopro (EKD + FPG + AKD).", rich_help_panel=METHOD)] = "fopro",
-    loss: Annotated[str, typer.Option(help="Supervised loss: balanced_softmax | ce | ldam_drw.", rich_help_panel=METHOD)] = "balanced_softmax",
+    loss: Annotated[str, typer.Option(help="Supervised loss: balanced_softmax (logit-adjusted for the training class counts) | ce.", rich_help_panel=METHOD)] = "balanced_softmax",
     ekd_weight: Annotated[float, typer.Option(help="lambda: weight of the student-teacher alignment term.", rich_help_panel=METHOD)] = 3.0,
     adv_weight: Annotated[float, typer.Option(help="alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", rich_help_panel=FPG)] = 1.0,
     fpg_reg: Annotated[float, typer.Option(help="beta: penalty on (M - 1)^2 keeping the mask near 1.", rich_help_panel=FPG)] = 0.1,
@@ -47,7 +57,8 @@ def distill_cli(
     epochs: Annotated[int, typer.Option(help="Training epochs (default 100; 6 on the synthetic demo).", rich_help_panel=OPTIM)] = 100,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).", rich_help_panel=OPTIM)] = 32,
     optimizer: Annotated[str, typer.Option(help="adam | sgd (momentum, Nesterov).", rich_help_panel=OPTIM)] = "adam",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule after warm-up).", rich_help_panel=OPTIM)] = 3e-4,
+    lr: Annotated[str, typer.Option(help="Peak learning rate, or auto: Adam 1e-3 x sqrt(global batch / 32), SGD 0.1 x global batch / 256.", rich_help_panel=OPTIM)] = "auto",
+    schedule: Annotated[str, typer.Option(help="After the warm-up: cosine (decay to 0) | constant.", rich_help_panel=OPTIM)] = "cosine",
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=OPTIM)] = 0.0,
     momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=OPTIM)] = 0.9,
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up length in epochs.", rich_help_panel=OPTIM)] = 1.0,
@@ -94,8 +105,13 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
 
 def render_summary(summary: dict[str, Any]) -> None:
     for note in summary.get("notes", []):
-        console.print(f"[cyan]note:[/] {note}")
+        if note.startswith("warning:"):
+            console.print(f"[yellow]{escape(note)}[/]", highlight=False)
+        else:
+            console.print(f"[cyan]note:[/] {escape(note)}", highlight=False)
     best = summary.get("best_val") or {}
+    if summary.get("augmentation_text"):
+        console.print(f"augmentation: {escape(summary['augmentation_text'])}", highlight=False)
     console.print(
         f"[bold]{summary['method']}[/] student {summary['student']}; best epoch {summary['best_epoch']}: "
         f"val balanced accuracy {fmt(best.get('balanced_accuracy'))}, val tail recall {fmt(best.get('tail_recall'))}"

@@ -1,6 +1,7 @@
 """Data sources, long-tail subsampling, image loading and the synthetic default dataset."""
 
-from fopro.data.images import AugmentConfig, ImageDataset, checked_dataset, load_image
+from fopro.data.augment import AugmentConfig, resolve_augment
+from fopro.data.images import ImageDataset, checked_dataset, load_image
 from fopro.data.longtail import longtail_counts, longtail_indices
 from fopro.data.manifest import Manifest
 from fopro.data.sources import ISIC2019_CLASSES, DataOptions, Splits, load_splits, subsample_longtail
@@ -17,5 +18,6 @@ __all__ = [
     "load_splits",
     "longtail_counts",
     "longtail_indices",
+    "resolve_augment",
     "subsample_longtail",
 ]

@@ -6,8 +6,6 @@ the raw image and teacher and student have different mean/std and input sizes.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from fopro.data.augment import DEFAULT_PRESET, PRESETS, AugmentConfig, augment
 from fopro.data.manifest import Manifest
 from fopro.errors import FoproError
 
@@ -71,52 +70,6 @@ class BadImageError(FoproError):
         self.path = path
 
 
-@dataclass
-class AugmentConfig:
-    """Train augmentation: random resized crop, flips, mild colour jitter."""
-
-    scale: tuple[float, float] = (0.5, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    vflip: bool = True
-    jitter: float = 0.1
-
-
-def augment(image: torch.Tensor, generator: torch.Generator, config: AugmentConfig) -> torch.Tensor:
-    """Random resized crop + flips + jitter on a float 3xSxS image in [0, 1], drawing only from `generator`."""
-    size = image.shape[-1]
-    top, left, height, width = _crop_box(size, generator, config)
-    crop = image[:, top : top + height, left : left + width]
-    image = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    draws = torch.rand(5, generator=generator)
-    if config.hflip and draws[0] < 0.5:
-        image = image.flip(-1)
-    if config.vflip and draws[1] < 0.5:
-        image = image.flip(-2)
-    if config.jitter > 0:
-        brightness, contrast, saturation = (1 + config.jitter * (2 * draws[2:5] - 1)).tolist()
-        image = image * brightness
-        mean = image.mean()
-        image = (image - mean) * contrast + mean
-        gray = image.mean(dim=0, keepdim=True)
-        image = (image - gray) * saturation + gray
-    return image.clamp(0, 1)
-
-
-def _crop_box(size: int, generator: torch.Generator, config: AugmentConfig) -> tuple[int, int, int, int]:
-    area = size * size
-    log_ratio = (math.log(config.ratio[0]), math.log(config.ratio[1]))
-    for _ in range(10):
-        u = torch.rand(4, generator=generator).tolist()
-        target = area * (config.scale[0] + u[0] * (config.scale[1] - config.scale[0]))
-        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
-        width = int(round(math.sqrt(target * aspect)))
-        height = int(round(math.sqrt(target / aspect)))
-        if 0 < width <= size and 0 < height <= size:
-            return int(u[2] * (size - height + 1)), int(u[3] * (size - width + 1)), height, width
-    return 0, 0, size, size
-
-
 class ImageDataset(torch.utils.data.Dataset):
     """Raw images in [0, 1] (float 3xSxS), their labels and indices.
 
@@ -139,7 +92,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
-        self.augment_config = augment_config or AugmentConfig()
+        self.augment_config = augment_config or PRESETS[DEFAULT_PRESET]
         if cache is None:
             cache = len(manifest) * 3 * image_size * image_size <= CACHE_LIMIT_BYTES
         self._cache: list[torch.Tensor | None] | None = [None] * len(manifest) if cache else None
@@ -197,10 +150,15 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def checked_dataset(
-    manifest: Manifest, image_size: int, skip_bad_images: bool, train: bool = False, seed: int = 0
+    manifest: Manifest,
+    image_size: int,
+    skip_bad_images: bool,
+    train: bool = False,
+    seed: int = 0,
+    augment_config: AugmentConfig | None = None,
 ) -> ImageDataset:
     """An ImageDataset whose images all decode: fail listing the unreadable ones, or drop them with a note."""
-    dataset = ImageDataset(manifest, image_size, train=train, seed=seed)
+    dataset = ImageDataset(manifest, image_size, train=train, seed=seed, augment_config=augment_config)
     bad = dataset.scan()
     if not bad:
         return dataset
