@@ -53,6 +53,7 @@ def grid() -> list[tuple[str, str, list[str]]]:
         rows.append((dataset, "standard, lr 1e-3 cosine, no warm-up", ["--augment", "standard", "--lr", "1e-3", "--warmup-epochs", "0"]))
         for preset in ("radiograph", "dermoscopy", "none"):
             rows.append((dataset, f"{preset}, lr 1e-3 cosine", ["--augment", preset, "--lr", "1e-3"]))
+        rows.append((dataset, "dermoscopy, lr 2e-3 cosine", ["--augment", "dermoscopy", "--lr", "2e-3"]))
     return rows
 
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", help="only these rows: DATASET:ROW NAME items separated by ';' (default: the whole grid)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "search.jsonl"
@@ -106,8 +108,15 @@ def main() -> None:
     finished = {(r["dataset"], r["name"], r["seed"]) for r in done}
     wanted = set(args.datasets.split(","))
     todo = [row for row in grid() if row[0] in wanted and (row[0], row[1], args.seed) not in finished]
-    # the slow public-corpus runs first, so that the two jobs end together
-    todo.sort(key=lambda row: row[0] != "public")
+    if args.rows:
+        picked = [tuple(item.strip().split(":", 1)) for item in args.rows.split(";") if item.strip()]
+        unknown = [p for p in picked if p not in {(d, n) for d, n, _ in grid()}]
+        if unknown:
+            raise SystemExit(f"unknown row(s): {unknown}")
+        todo = [row for p in picked for row in todo if (row[0], row[1]) == p]
+    # the slow public-corpus runs first (so that the jobs end together), then the synthetic target, then fundus8
+    priority = {"public": 0, "synthetic": 1, "fundus8": 2}
+    todo.sort(key=lambda row: priority[row[0]])
     print(f"{len(todo)} run(s) to do, {len(finished)} done")
 
     def one(row: tuple[str, str, list[str]]) -> dict:
