@@ -4,8 +4,8 @@ The reference is the loop anyone would write in 60 lines, independent of fopro: 
 ImageFolder, a timm student from random init, Adam at a constant learning rate, cross-entropy,
 translation-only augmentation (RandomAffine, shifts up to 10 %), the student's mean/std. It reports
 the val and test balanced accuracy of the last epoch and of the best-val epoch (the checkpoint fopro
-keeps). fopro runs `fopro distill --method none` (its defaults, plus `--fopro-args`) through the
-library, on the same data. Accuracy, not speed: this is the one benchmark whose figures depend on
+keeps). fopro runs `fopro distill --method none` (its defaults, plus `--fopro-args`) through its
+command line, on the same data (with `--threads N`, on N threads too). Accuracy, not speed: this is the one benchmark whose figures depend on
 the weights, so it is seeded and runs on the CPU by default.
 
     python benchmarks/reference_loop.py --data fopro-data/fundus8 --student resnet18 --epochs 40 \\
@@ -86,14 +86,16 @@ def reference_loop(data: Path, student: str, epochs: int, batch_size: int, image
     return {"last": history[-1], "best_val_epoch": best, "history": history, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def fopro_run(data: Path, student: str, epochs: int, batch_size: int, image_size: int, seed: int, extra: list[str]) -> dict:
+def fopro_run(data: Path, student: str, epochs: int, batch_size: int, image_size: int, seed: int, extra: list[str],
+              threads: int | None = None) -> dict:
     """`fopro distill --method none` through the real command line; its JSON summary and metrics.jsonl."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "fopro", "distill", "--method", "none", "--data", str(data), "--student", student,
                    "--epochs", str(epochs), "--batch-size", str(batch_size), "--image-size", str(image_size),
                    "--seed", str(seed), "--device", "cpu", "--out", str(Path(out) / "run"), "--json", *extra]
         started = time.perf_counter()
-        finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        finished = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
         if finished.returncode != 0:
             raise SystemExit(f"fopro distill failed ({finished.returncode}): {finished.stderr.strip().splitlines()[-1:]}")
         summary = json.loads(finished.stdout)
@@ -127,7 +129,8 @@ def main() -> None:
     result: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     result["reference"] = reference_loop(args.data, args.student, args.epochs, args.batch_size, args.image_size, args.lr, args.seed)
     if not args.skip_fopro:
-        result["fopro"] = fopro_run(args.data, args.student, args.epochs, args.batch_size, args.image_size, args.seed, shlex.split(args.fopro_args))
+        result["fopro"] = fopro_run(args.data, args.student, args.epochs, args.batch_size, args.image_size, args.seed, shlex.split(args.fopro_args),
+                                   args.threads)
     for name in ("reference", "fopro"):
         if name in result:
             best, last = result[name]["best_val_epoch"], result[name]["last"]

@@ -243,15 +243,12 @@ def _coerce(key: str, value: Any) -> Any:
         return list(parse_scale(value))
     if key == "lr" and value == "auto":
         return None
-    if key == "lr" and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
     if key in OPTIONAL_FLOATS:
         try:
             return float(value)
         except (TypeError, ValueError):
+            if key == "lr":
+                raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
             raise FoproError(f"option {key} = {value!r} has the wrong type: expected a number") from None
     if isinstance(value, Path):
         return str(value)

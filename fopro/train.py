@@ -24,7 +24,7 @@ from torch import nn
 from fopro.checkpoint import CheckpointMeta, save_checkpoint
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits
-from fopro.data.augment import describe
+from fopro.data.augment import AugmentConfig, describe
 from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barrier, device_for
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
@@ -117,7 +117,8 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_progress, env: DistEnv = SINGLE) -> Run:
     device = device_for(env, resolve_device(config.device))
-    notes = config_warnings(config)
+    augmentation = config.augment_config()
+    notes = config_warnings(config, augmentation)
     data = config.data_options()
     splits = load_splits(data)
     train_manifest = splits.require("train", "give --train-csv or a train/ folder")
@@ -126,7 +127,6 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     if empty:
         raise FoproError(f"class(es) {', '.join(empty)} have no training image: add images or drop the class")
     progress("checking images", 0, 1)
-    augmentation = config.augment_config()
     train_set = checked_dataset(
         train_manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed, augment_config=augmentation
     )
@@ -167,7 +167,7 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, lr, env, notes)
 
 
-def config_warnings(config: DistillConfig) -> list[str]:
+def config_warnings(config: DistillConfig, augmentation: AugmentConfig) -> list[str]:
     """Option combinations that run but are probably not what the user wants."""
     warnings = []
     if config.balanced_sampler and config.loss == "balanced_softmax":
@@ -175,7 +175,7 @@ def config_warnings(config: DistillConfig) -> list[str]:
             "warning: --balanced-sampler with --loss balanced_softmax corrects the class imbalance twice (rare classes end up "
             "over-predicted): use --loss ce with --balanced-sampler, or drop --balanced-sampler"
         )
-    if config.augment_config().flips_or_turns:
+    if augmentation.flips_or_turns:
         warnings.append(
             f"augmentation {config.augment} flips or turns images: right only if orientation carries no label "
             "(lesions, cells); for radiographs or any image with a side and an up use --augment radiograph or standard"

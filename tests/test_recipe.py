@@ -18,7 +18,7 @@ from fopro.data.augment import KNOBS, PRESETS
 from fopro.distill import distill
 from fopro.errors import FoproError
 from fopro.runtime import no_progress
-from fopro.train import build_run, lr_factor, train_epoch
+from fopro.train import build_run, local_batches, lr_factor, train_epoch
 
 
 def test_lr_auto_scales_with_the_global_batch():
@@ -82,13 +82,14 @@ def test_teacher_and_fpg_see_the_students_augmented_image(method, distill_data, 
         run.method.fpg.forward = lambda x: (seen["fpg"].append(x.detach().clone()), fpg_forward(x))[1]
     with torch_threads(1):
         train_epoch(run, torch.amp.GradScaler("cuda", enabled=False), {"stop": False}, no_progress)
-    assert seen["student"]
-    clean = [x for x in seen["student"]]
-    raw_batch = torch.stack([run.train_set[i][0] for i in range(len(run.train_set))])
-    assert not any(torch.equal(x, raw_batch[: len(x)]) for x in clean)  # augmented, not the stored images
+    batches = local_batches(run)  # epoch 0's image indices, batch by batch
+    assert len(seen["student"]) == len(batches)
+    for images, indices in zip(seen["student"], batches):
+        stored = torch.stack([run.train_set.raw(i).float() / 255 for i in indices])
+        assert images.shape == stored.shape and not torch.equal(images, stored)  # augmented, not the stored images
     watcher = "fpg" if method == "fopro" else "teacher"
-    assert len(seen[watcher]) == len(clean)
-    assert all(torch.equal(a, b) for a, b in zip(clean, seen[watcher]))
+    assert len(seen[watcher]) == len(seen["student"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen[watcher]))
 
 
 def test_help_lists_every_preset_and_knob():
