@@ -35,7 +35,7 @@ from fopro.losses import SupervisedLoss  # noqa: E402
 from fopro.methods import Method, MethodConfig, build_method  # noqa: E402
 from fopro.models import StudentOptions, Teacher, create_student  # noqa: E402
 from fopro.preprocess import Preprocess  # noqa: E402
-from fopro.train import optimisation_step, step_seed  # noqa: E402
+from fopro.train import set_step_schedule, optimisation_step, step_seed  # noqa: E402
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -194,13 +194,15 @@ def train_step(
     seed: int = 0,
     epoch: int = 0,
     lr: float = 3e-4,
+    lr_factor: float = 1.0,
+    adversary: float = 1.0,
     grad_clip: float = 5.0,
 ) -> tuple[None, dict[str, float]]:
-    """One optimisation step as `fopro.train.train_epoch` does it (same seeding, same library step function);
-    left out: the learning-rate schedule (fixed `lr`), the progress string and the running averages."""
+    """One optimisation step as `fopro.train.train_epoch` does it (same seeding, same library step and schedule
+    functions); the caller gives the schedule's values (default: peak rate, full adversary); left out: the
+    progress string and the running averages."""
     torch.manual_seed(step_seed(seed, epoch, step))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_step_schedule(method, optimizer, lr, lr_factor, adversary)
     parts, _ = optimisation_step(method, optimizer, scaler, images, labels, step, grad_clip)
     return None, parts
 
@@ -242,14 +244,14 @@ def build_trainee(
     image_size: int,
     train_counts: list[int],
     fpg_every: int = 1,
-    reuse_teacher_forward: bool = True,
+    adv_weight: float = 1.0,
     seed: int = 0,
 ) -> Trainee:
     """The library's method object (build_method) with a real student (create_student), as build_run makes them."""
     torch.manual_seed(seed)
     student, student_preprocess = create_student(StudentOptions(arch=student_arch, image_size=image_size), len(train_counts))
     fpg = FourierPromptGenerator(image_size) if name == "fopro" else None  # DistillConfig defaults: both, 0.5, 16
-    config = MethodConfig(name=name, fpg_every=fpg_every, reuse_teacher_forward=reuse_teacher_forward)
+    config = MethodConfig(name=name, fpg_every=fpg_every, adv_weight=adv_weight)
     method = build_method(config, student, student_preprocess, SupervisedLoss("balanced_softmax", train_counts), teacher if name != "none" else None, fpg)
     return Trainee(method)
 

@@ -76,7 +76,7 @@ def loader_pass(dataset: ImageDataset, order_labels: list[int], batch_size: int,
     def run() -> None:
         epoch["value"] += 1
         dataset.set_epoch(epoch["value"])  # new augmentation draws each pass
-        for images, labels, _ in make_loader(run_like, plan):
+        for images, labels, _ in make_loader(run_like, dataset, plan):
             assert images.shape[0] == len(labels)
 
     return run, sum(len(b) for b in plan)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"fopro {args.teacher} -> {args.student}, batch {args.batch_size}; {args.warmup} warm-up + {args.repeats} rounds, interleaved"
         )
         fed_run = SimpleNamespace(config=SimpleNamespace(workers=None), train_set=datasets["cache"], device=torch.device("cpu"))
-        default_workers = make_loader(fed_run, [[0]]).num_workers  # what training picks for cached data (--workers not given)
+        default_workers = make_loader(fed_run, fed_run.train_set, [[0]]).num_workers  # what training picks for cached data (--workers not given)
         epoch = {"value": 0}
         cases, units = {}, {}
         for cache_name, dataset in datasets.items():
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fed_plan = (fed_plan * (args.steps // len(fed_plan) + 1))[: args.steps]
 
         def fed_block() -> None:
-            for images, labels, _ in make_loader(fed_run, fed_plan):
+            for images, labels, _ in make_loader(fed_run, fed_run.train_set, fed_plan):
                 trainee.step(images, labels)
 
         cases["fopro_step_fed_by_loader"], units["fopro_step_fed_by_loader"] = fed_block, sum(len(b) for b in fed_plan)

@@ -3,26 +3,32 @@
 
 Every step is a `fopro` command a user could type (run as `python -m fopro ...` in the output folder):
 
-  1. fopro data synth data                                   target (long-tailed) + public corpus, seed 0
+  1. fopro data synth data --val-per-class 100 --test-per-class 100 --unlabeled 3000
+                                                               target (long-tailed) + unlabelled pool +
+                                                               public corpus, seed 0
   2. fopro distill --data data/public --method none --loss ce  the teacher (resnet26), stand-in for a
                                                                public pre-trained model
   3. fopro probe --teacher teacher/best.safetensors --data data/target --split val --out probe
-  4. fopro distill --data data/target ... --method M --seed S  students: none, kd, ekd, fopro,
-                                                               fopro --adv-weight 0 (FPG without AKD), 3 seeds
+  4. fopro distill --config configs/M.yaml --data data/target ... --seed S
+                                                               students: none, kd, ekd, fopro, fopro-no-akd,
+                                                               ekd-unl, fopro-unl, 3 seeds; each run with a
+                                                               teacher also fits and scores the teacher probe
   5. fopro eval RUN/best.safetensors --split test --json        each run's best-on-val checkpoint
      fopro export BEST/best.safetensors --onnx ... --check      the fopro student with the best VAL
                                                                balanced accuracy (never chosen on test)
 
 Then it writes results.md, results.json and results.png (mean +- std over seeds of test balanced accuracy,
-tail recall, head recall, macro-F1 and val balanced accuracy; the teacher's probe accuracy for reference).
+tail recall, head recall, macro-F1, val balanced accuracy, and each student's test balanced accuracy as a
+fraction of the teacher probe's: a linear classifier on the frozen teacher's embeddings of train).
 
 Every method gets the same epochs, batch size, learning rate and augmentation (fopro's defaults: Adam with
---lr auto, cosine schedule, lambda = 3; --augment dermoscopy, since the images are lesion-like); the recipe
-was chosen on val splits (examples/results/recipe/), nothing else is tuned, and model selection (best epoch) uses the val split only. Steps whose outputs exist are
-skipped, an interrupted training run is resumed (`fopro distill --resume`), so re-running the same
-command continues the protocol. A failing sub-command stops the script with its error.
+--lr auto, cosine schedule; --augment dermoscopy, since the images are lesion-like; the recipe was chosen on
+val splits, examples/results/recipe/). A method's own options are its file examples/configs/synthetic_lt/M.yaml,
+which says how they were chosen (on VAL only); model selection (best epoch) uses the val split only. Steps
+whose outputs exist are skipped, an interrupted training run is resumed (`fopro distill --resume`), so
+re-running the same command continues the protocol. A failing sub-command stops the script with its error.
 
-    python examples/synthetic_lt.py                 # default scale: ~35-45 min on 2 CPU cores
+    python examples/synthetic_lt.py                 # default scale: 21 runs, ~70 min at the CPU rates below (2 cores)
     python examples/synthetic_lt.py --quick --out /tmp/lt   # smoke scale (tests), about a minute
     python examples/synthetic_lt.py --full          # GPU scale: resnet50 teacher, 100 epochs, cuda
 """
@@ -47,15 +53,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "examples/out/synthetic_lt"
 
-# Student methods: key -> (label, extra `fopro distill` options).
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "none": ("supervised only (balanced softmax), no teacher", ["--method", "none"]),
-    "kd": ("feature distillation (MSE to the teacher's embedding)", ["--method", "kd"]),
-    "ekd": ("effective KD: cosine alignment + second head (EKD)", ["--method", "ekd"]),
-    "fopro": ("FoPro-KD: Fourier prompt generator + EKD + adversarial KD", ["--method", "fopro"]),
-    "fopro-no-akd": ("FPG + EKD without AKD (alpha = 0)", ["--method", "fopro", "--adv-weight", "0"]),
+# Student methods: key -> label. Each method's options are its config file, CONFIGS / KEY.yaml (chosen on VAL:
+# see the comments in each file), copied to OUT/configs/ and given to `fopro distill --config`.
+METHODS: dict[str, str] = {
+    "none": "supervised only (balanced softmax), no teacher",
+    "kd": "feature distillation (MSE to the teacher's embedding)",
+    "ekd": "effective KD: cosine alignment + second head (EKD)",
+    "fopro": "FoPro-KD: EKD on Fourier-prompted images + adversarial FPG (AKD)",
+    "fopro-no-akd": "the FPG without AKD (alpha = 0)",
+    "ekd-unl": "EKD + the unlabelled pool in the alignment term",
+    "fopro-unl": "FoPro-KD + the unlabelled pool in the alignment and FPG terms",
 }
 DEFAULT_METHODS = list(METHODS)
+CONFIGS = REPO / "examples" / "configs" / "synthetic_lt"
 
 # The metrics of the table: key -> (column title, where it comes from).
 METRICS: dict[str, str] = {
@@ -69,7 +79,8 @@ METRICS: dict[str, str] = {
 # Throughput on 2 CPU cores at 64 px, batch 32 (images per second), for the time estimate:
 # resnet18 student alone; + a resnet26 teacher forward (kd, ekd); + the FPG step (teacher fwd/bwd).
 # (Single-thread CPU time measured here: 137, 87 (ekd) and 58 (fopro) images per CPU-second; resnet26 training 81.)
-CPU_RATES = {"none": 270.0, "kd": 170.0, "ekd": 170.0, "fopro": 100.0, "fopro-no-akd": 100.0, "teacher": 150.0}
+CPU_RATES = {"none": 270.0, "kd": 170.0, "ekd": 170.0, "fopro": 100.0, "fopro-no-akd": 110.0, "ekd-unl": 85.0, "fopro-unl": 50.0,
+             "teacher": 150.0}
 CPU_STARTUP_S = 8.0  # one `python -m fopro` start (torch + timm imports, data loading)
 
 
@@ -101,7 +112,7 @@ def preset(args: argparse.Namespace) -> Scale:
         scale = Scale(
             name="quick (smoke test)",
             image_size=32,
-            synth=["--max-per-class", "24", "--val-per-class", "4", "--test-per-class", "4",
+            synth=["--max-per-class", "24", "--val-per-class", "4", "--test-per-class", "4", "--unlabeled", "16",
                    "--public-classes", "3", "--public-per-class", "8", "--public-val-per-class", "4"],
             student="test_resnet",
             teacher="resnet10t",
@@ -115,9 +126,9 @@ def preset(args: argparse.Namespace) -> Scale:
             probe=["--bands", "2", "--gains", "0,2"],
         )
     elif args.full:
-        scale = Scale(name="full (GPU)", teacher="resnet50", epochs=100, teacher_epochs=30, device="cuda")
+        scale = Scale(name="full (GPU)", synth=list(PROTOCOL_SYNTH), teacher="resnet50", epochs=100, teacher_epochs=30, device="cuda")
     else:
-        scale = Scale(name="default (2 CPU cores)")
+        scale = Scale(name="default (2 CPU cores)", synth=list(PROTOCOL_SYNTH))
     for key in ("image_size", "student", "teacher", "epochs", "teacher_epochs", "batch_size", "lr", "device"):
         value = getattr(args, key)
         if value is not None:
@@ -153,7 +164,11 @@ def parse_methods(text: str) -> list[str]:
 
 
 SYNTH_DEFAULTS = {"num_classes": 8, "image_size": 64, "imbalance": 0.01, "max_per_class": 500, "val_per_class": 20,
-                  "test_per_class": 20, "public_classes": 10, "public_per_class": 300, "public_val_per_class": 30, "seed": 0}
+                  "test_per_class": 20, "public_classes": 10, "public_per_class": 300, "public_val_per_class": 30, "seed": 0,
+                  "unlabeled": 0}
+# The protocol's sizes (the class design stays the generator's): val and test 100 images a class, so that one tail
+# image is 1 point of recall, and an unlabelled pool of 3,000 drawn from the train distribution.
+PROTOCOL_SYNTH = ["--val-per-class", "100", "--test-per-class", "100", "--unlabeled", "3000"]
 
 
 def synth_config(scale: Scale) -> dict[str, Any]:
@@ -176,6 +191,7 @@ def synth_plan(scale: Scale) -> dict[str, int]:
         "target_test": classes * c["test_per_class"],
         "public_train": c["public_classes"] * c["public_per_class"],
         "public_val": c["public_classes"] * c["public_val_per_class"],
+        "target_unlabeled": c["unlabeled"],
     }
 
 
@@ -186,7 +202,7 @@ def estimate_seconds(scale: Scale, counts: dict[str, int]) -> dict[str, float] |
     pixels = (scale.image_size / 64) ** 2
     seen = lambda n: max(1, n // scale.batch_size) * scale.batch_size  # full batches only  # noqa: E731
     infer = lambda n: n / (3 * CPU_RATES["none"]) * pixels  # noqa: E731  (a forward pass ~ 1/3 of a step)
-    est = {"data": 20.0 + counts["target_train"] / 100 + counts["public_train"] / 200}
+    est = {"data": 20.0 + (counts["target_train"] + counts["target_unlabeled"]) / 100 + counts["public_train"] / 200}
     est["teacher"] = CPU_STARTUP_S + scale.teacher_epochs * (
         seen(counts["public_train"]) / CPU_RATES["teacher"] * pixels + infer(counts["public_val"]) * 2)
     est["probe"] = CPU_STARTUP_S + 30.0 * pixels
@@ -194,6 +210,8 @@ def estimate_seconds(scale: Scale, counts: dict[str, int]) -> dict[str, float] |
     for method in scale.methods:
         per_epoch = seen(counts["target_train"]) / CPU_RATES[method] * pixels + infer(counts["target_val"])
         students += CPU_STARTUP_S + scale.epochs * per_epoch + infer(counts["target_test"])
+        if method != "none":  # the teacher probe: 4 augmented views of train, val and test through the teacher
+            students += 2 * infer(4 * counts["target_train"] + counts["target_val"] + counts["target_test"])
     est["students"] = students * len(scale.seeds)
     est["eval"] = len(scale.methods) * len(scale.seeds) * (CPU_STARTUP_S + infer(counts["target_test"]))
     est["export"] = CPU_STARTUP_S + 10.0
@@ -292,7 +310,21 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-PATH_OPTIONS = ("data", "teacher", "probe_init")
+PATH_OPTIONS = ("data", "teacher", "probe_init", "unlabeled")
+
+
+def method_config(out: Path, method: str) -> dict[str, Any]:
+    """Copy CONFIGS/METHOD.yaml to OUT/configs/ (the runs read it there) and return its options."""
+    import yaml
+
+    source = CONFIGS / f"{method}.yaml"
+    text = source.read_text(encoding="utf-8")
+    options = yaml.safe_load(text) or {}
+    target = out / "configs" / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        target.write_text(text, encoding="utf-8")
+    return {key.replace("-", "_"): value for key, value in options.items()}
 
 
 def check_run_options(run_dir: Path, expected: dict[str, Any], base: Path) -> None:
@@ -345,6 +377,10 @@ def lr_text(lr: float | None) -> str:
     return "auto" if lr is None else f"{lr:g}"
 
 
+def options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in options.items())
+
+
 def lr_options(lr: float | None) -> list[str]:
     return ["--lr", "auto" if lr is None else f"{lr:g}"]
 
@@ -387,6 +423,19 @@ def run_metrics(summary: dict, report: dict) -> dict[str, Any]:
     }
 
 
+def linear_probe_runs(summaries: dict[tuple[str, int], dict], methods: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """Per seed, the teacher probe that the distillation runs of that seed report (None-free rows only)."""
+    rows = []
+    for seed in seeds:
+        probe = next((summaries[m, seed]["teacher_probe"] for m in methods if summaries[m, seed].get("teacher_probe")), None)
+        if probe is None:
+            continue
+        val, test = probe["splits"].get("val") or {}, probe["splits"].get("test") or {}
+        rows.append({"seed": seed, "val_balanced_accuracy": val.get("balanced_accuracy"), "test_balanced_accuracy": test.get("balanced_accuracy"),
+                     "test_tail_recall": test.get("tail_recall"), "test_head_recall": test.get("head_recall"), "test_macro_f1": test.get("macro_f1")})
+    return rows
+
+
 def render_markdown(results: dict) -> str:
     scale, counts = results["scale"], results["images"]
     lines = [
@@ -400,31 +449,37 @@ def render_markdown(results: dict) -> str:
         "",
         f"Scale ({scale['name']}): {scale['image_size']} px images; student {scale['student']}, "
         f"teacher {scale['teacher']} (pre-trained {epochs(scale['teacher_epochs'])} on the public corpus, Adam lr {lr_text(scale['teacher_lr'])}, --augment {scale['teacher_augment']}, cross-entropy); "
-        f"students {epochs(scale['epochs'])}, batch {scale['batch_size']}, Adam lr {lr_text(scale['lr'])}, --augment {scale['augment']}, lambda 3 (fopro defaults), "
+        f"students {epochs(scale['epochs'])}, batch {scale['batch_size']}, Adam lr {lr_text(scale['lr'])}, --augment {scale['augment']}, "
         f"seeds {', '.join(map(str, scale['seeds']))}; device {scale['device']}.",
         f"Images: target train {counts['target_train']} (long-tailed, imbalance 0.01), val {counts['target_val']}, "
-        f"test {counts['target_test']} (balanced); public train {counts['public_train']}, val {counts['public_val']}.",
+        f"test {counts['target_test']} (balanced), unlabelled pool {counts.get('target_unlabeled', 0)} (drawn like train); "
+        f"public train {counts['public_train']}, val {counts['public_val']}.",
         f"Wall-clock: {results['elapsed_seconds'] / 60:.1f} min for this invocation"
         + (f" (estimate for the whole protocol: {results['estimate_seconds']['total'] / 60:.0f} min)" if results.get("estimate_seconds") else "")
         + ".",
         "",
         "SYNTHETIC lesion-like images, not medical images. Every method has the same epochs, batch, learning "
-        "rate and augmentation (fopro's default recipe, chosen on val splits: examples/results/recipe/; the method "
-        "options are not tuned); each run's checkpoint is its epoch with the best VAL balanced accuracy; the test "
-        "split is used only for the numbers below.",
+        "rate and augmentation (fopro's default recipe, chosen on val splits: examples/results/recipe/); its own "
+        "options are its config file (listed below, each says how its values were chosen, on VAL only); each run's "
+        "checkpoint is its epoch with the best VAL balanced accuracy; the test split is used only for the numbers below.",
         "",
         f"Groups (by training count): {results['groups_text']}.",
         "",
         "## Students (percent, mean ± std over seeds; std is n/a with one seed)",
         "",
-        "| method | seeds | " + " | ".join(METRICS.values()) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " |",
+        "| method | seeds | " + " | ".join(METRICS.values()) + " | test balanced acc. / teacher probe's |",
+        "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " | ---: |",
     ]
     for key, method in results["methods"].items():
-        cells = [cell(method["summary"][metric]) for metric in METRICS]
+        cells = [cell(method["summary"][metric]) for metric in METRICS] + [cell(method["summary"]["test_balanced_accuracy_of_probe"])]
         lines.append(f"| {key} | {len(method['runs'])} | " + " | ".join(cells) + " |")
+    linear = results["teacher"]["linear_probe"]
+    if linear["runs"]:
+        cells = [cell(linear["summary"][metric]) for metric in METRICS]
+        lines.append(f"| teacher probe (linear) | {len(linear['runs'])} | " + " | ".join(cells) + " | 100.0 ± n/a |")
     lines += ["", "Methods:", ""]
-    lines += [f"- `{key}`: {method['label']} (`fopro distill {shlex.join(method['options'])}`)" for key, method in results["methods"].items()]
+    lines += [f"- `{key}`: {method['label']} (`--config {method['config']}`: {options_text(method['options'])})" for key, method in results["methods"].items()]
+    lines += [f"- teacher probe (linear): {results['teacher']['linear_probe']['what']}"]
     teacher = results["teacher"]
     probe = teacher["probe"]
     lines += [
@@ -484,9 +539,9 @@ def plot(results: dict, path: Path) -> None:
         stds = [100 * (summary[m]["std"] or 0.0) for m in metrics]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(metrics))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=key)
-    probe = results["teacher"]["probe"]["ncm_balanced_accuracy"]
+    probe = results["teacher"]["linear_probe"]["summary"]["test_balanced_accuracy"]["mean"]
     if probe is not None:
-        ax.axhline(100 * probe, color="grey", linestyle="--", linewidth=1, label="teacher probe (NCM, val)")
+        ax.axhline(100 * probe, color="grey", linestyle="--", linewidth=1, label="teacher probe (linear, test balanced acc.)")
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([METRICS[m] for m in metrics])
     ax.set_ylabel("percent (mean ± std over seeds)")
@@ -542,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     estimate = estimate_seconds(scale, counts)
     print(f"FoPro-KD synthetic long-tailed protocol — scale: {scale.name}")
     print(f"  images: {scale.image_size} px; target train {counts['target_train']} (long-tailed), val {counts['target_val']}, "
-          f"test {counts['target_test']}; public train {counts['public_train']}, val {counts['public_val']}")
+          f"test {counts['target_test']}, unlabelled {counts['target_unlabeled']}; public train {counts['public_train']}, val {counts['public_val']}")
     print(f"  teacher {scale.teacher}: {epochs(scale.teacher_epochs)} on the public corpus; student {scale.student}: "
           f"{epochs(scale.epochs)}, batch {scale.batch_size}, lr {lr_text(scale.lr)}, --augment {scale.augment}; methods {', '.join(scale.methods)}; "
           f"seeds {', '.join(map(str, scale.seeds))}; device {scale.device}")
@@ -566,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     if synth_json.is_file():
         synth = read_json(synth_json)
         wanted = synth_config(scale)
-        wrong = {k: synth["config"].get(k) for k, v in wanted.items() if synth["config"].get(k) != v}
+        have = {k: synth["config"].get(k, SYNTH_DEFAULTS[k]) for k in wanted}  # (synth.json leaves out an empty pool)
+        wrong = {k: have[k] for k, v in wanted.items() if have[k] != v}
         if wrong:
             raise SystemExit(f"error: {synth_json} was generated with other options ({wrong}; this protocol: "
                              f"{ {k: wanted[k] for k in wrong} }): use another --out")
@@ -579,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         for corpus, splits in (("target", ("train", "val", "test")), ("public", ("train", "val")))
         for split in splits
     }
+    counts["target_unlabeled"] = (synth["target"].get("unlabeled") or {}).get("size", 0)
 
     # 2. teacher: the stand-in for a public pre-trained model
     teacher_options = ["--data", "data/public", "--method", "none", "--loss", "ce", "--student", scale.teacher,
@@ -605,17 +662,18 @@ def main(argv: list[str] | None = None) -> int:
             write_json(probe_json, probe)
         proto.done(started, f"clean nearest-class-mean balanced accuracy {pct(probe['clean']['balanced_accuracy'])}")
 
-    # 4. students
+    # 4. students: each method's options are its config file (copied into OUT/configs/), plus the shared scale
     summaries: dict[tuple[str, int], dict] = {}
+    method_options = {method: method_config(out, method) for method in scale.methods}
     for method, seed in runs:
-        options = ["--data", "data/target", "--student", scale.student, "--image-size", str(scale.image_size), *METHODS[method][1]]
+        options = ["--config", f"configs/{method}.yaml", "--data", "data/target", "--student", scale.student, "--image-size", str(scale.image_size)]
         if method != "none":
             options += ["--teacher", teacher_ckpt]
         options += ["--epochs", str(scale.epochs), "--batch-size", str(scale.batch_size), *lr_options(scale.lr), "--augment", scale.augment,
                     "--device", scale.device, "--seed", str(seed), *scale.thresholds]
-        expected = {"data": "data/target", "student": scale.student, "image_size": scale.image_size, "method": METHODS[method][1][1],
-                    "epochs": scale.epochs, "batch_size": scale.batch_size, "lr": scale.lr, "augment": scale.augment, "seed": seed,
-                    "adv_weight": 0.0 if method == "fopro-no-akd" else 1.0, "teacher": None if method == "none" else teacher_ckpt}
+        expected = {"data": "data/target", "student": scale.student, "image_size": scale.image_size, "epochs": scale.epochs,
+                    "batch_size": scale.batch_size, "lr": scale.lr, "augment": scale.augment, "seed": seed,
+                    "teacher": None if method == "none" else teacher_ckpt, **method_options[method]}
         summaries[method, seed] = distill(proto, f"train student {method}, seed {seed}", f"runs/{method}-seed{seed}", options, expected, scale.device)
 
     # 5. evaluate every best-on-val checkpoint on the test split
@@ -671,11 +729,21 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"seed": seed, "run_dir": f"runs/{method}-seed{seed}", "best_epoch": summary.get("best_epoch"),
                          **run_metrics(summary, report)})
         methods_out[method] = {
-            "label": METHODS[method][0],
-            "options": METHODS[method][1],
+            "label": METHODS[method],
+            "config": f"examples/configs/synthetic_lt/{method}.yaml",
+            "options": method_options[method],
             "runs": rows,
             "summary": {metric: mean_std([r[metric] for r in rows]) for metric in [*METRICS, "test_accuracy"]},
         }
+    probe_rows = linear_probe_runs(summaries, scale.methods, scale.seeds)
+    by_seed = {row["seed"]: row for row in probe_rows}
+    for method, entry in methods_out.items():
+        for row in entry["runs"]:
+            probe_row = by_seed.get(row["seed"])
+            row["test_balanced_accuracy_of_probe"] = (
+                row["test_balanced_accuracy"] / probe_row["test_balanced_accuracy"] if probe_row and probe_row["test_balanced_accuracy"] else None
+            )
+        entry["summary"]["test_balanced_accuracy_of_probe"] = mean_std([r["test_balanced_accuracy_of_probe"] for r in entry["runs"]])
     first = reports[runs[0]]
     groups = first.get("groups") or {}
     groups_text = "; ".join(f"{g} ({info['definition']}): {', '.join(info['classes']) or 'none'}" for g, info in groups.items())
@@ -697,6 +765,12 @@ def main(argv: list[str] | None = None) -> int:
             "arch": scale.teacher,
             "checkpoint": teacher_ckpt,
             "public_val_balanced_accuracy": (teacher.get("best_val") or {}).get("balanced_accuracy"),
+            "linear_probe": {
+                "what": "a linear classifier (balanced softmax, 4 augmented views) on the frozen teacher's embeddings of the target "
+                        "TRAIN split, fitted by each distillation run (the same for every method of a seed), scored on val and test",
+                "runs": probe_rows,
+                "summary": {metric: mean_std([r[metric] for r in probe_rows]) for metric in METRICS},
+            },
             "probe": {
                 "split": probe.get("split"),
                 "num_images": probe.get("num_images"),

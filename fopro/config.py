@@ -44,6 +44,8 @@ class DistillConfig:
     imbalance: float | None = None
     data_seed: int = 0
     skip_bad_images: bool = False
+    unlabeled: str | None = None
+    unlabeled_batch: int | None = None
     # augmentation (a preset, and knobs that override it when given)
     augment: str = DEFAULT_PRESET
     hflip: float | None = None
@@ -70,7 +72,8 @@ class DistillConfig:
     fpg_hidden: int = 16
     fpg_lr: float = 1e-3
     fpg_every: int = 1
-    reuse_teacher_forward: bool = True
+    prompt_fraction: float = 1.0
+    probe_kd: float = 0.0
     probe_init: str | None = None
     # optimisation
     epochs: int = 100
@@ -92,6 +95,7 @@ class DistillConfig:
     out: str | None = None
     head_threshold: int = 100
     tail_threshold: int = 20
+    teacher_probe: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def data_options(self) -> DataOptions:
@@ -109,6 +113,10 @@ class DistillConfig:
             seed=self.data_seed,
             skip_bad_images=self.skip_bad_images,
         )
+
+    def unlabeled_batch_size(self) -> int:
+        """Unlabelled images per step and process (--unlabeled-batch, default: --batch-size)."""
+        return self.unlabeled_batch or self.batch_size
 
     def augment_config(self) -> AugmentConfig:
         return resolve_augment(
@@ -138,7 +146,8 @@ class DistillConfig:
             fpg_reg=self.fpg_reg,
             fpg_every=self.fpg_every,
             fpg_lr=self.fpg_lr,
-            reuse_teacher_forward=self.reuse_teacher_forward,
+            prompt_fraction=self.prompt_fraction,
+            probe_kd=self.probe_kd,
         )
 
     def learning_rate(self, world_size: int = 1) -> float:
@@ -153,6 +162,10 @@ class DistillConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+# Options of earlier versions: run folders that hold them still load (the value is dropped); config files are told.
+RETIRED_KEYS = {
+    "reuse_teacher_forward": "was removed in fopro 0.3 (the student now always learns against the FPG step's teacher embedding)",
+}
 
 
 def validate(config: DistillConfig) -> None:
@@ -164,13 +177,16 @@ def validate(config: DistillConfig) -> None:
         (config.fpg_lr > 0, "--fpg-lr", "must be greater than 0"),
         (config.image_size >= 16, "--image-size", "must be at least 16 pixels"),
         (config.fpg_every >= 1, "--fpg-every", "must be at least 1"),
+        (0 < config.prompt_fraction <= 1, "--prompt-fraction", "must be in (0, 1]"),
         (config.weight_decay >= 0, "--weight-decay", "must not be negative"),
         (config.warmup_epochs >= 0, "--warmup-epochs", "must not be negative"),
         (config.grad_clip > 0, "--grad-clip", "must be greater than 0"),
         (config.ekd_weight >= 0, "--ekd-weight", "must not be negative"),
         (config.adv_weight >= 0, "--adv-weight", "must not be negative (0 turns AKD off)"),
         (config.fpg_reg >= 0, "--fpg-reg", "must not be negative"),
+        (config.probe_kd >= 0, "--probe-kd", "must not be negative (0 turns it off)"),
         (config.workers is None or config.workers >= 0, "--workers", "must not be negative"),
+        (config.unlabeled_batch is None or config.unlabeled_batch >= 1, "--unlabeled-batch", "must be at least 1"),
     ]
     for ok, option, what in checks:
         if not ok:
@@ -182,6 +198,10 @@ def validate(config: DistillConfig) -> None:
         if getattr(config, name) not in allowed:
             raise FoproError(f"--{name} {getattr(config, name)} is not known: choose one of {', '.join(allowed)}")
     config.augment_config()
+    if config.probe_kd > 0 and config.method == "none":
+        raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
+    if config.unlabeled and config.method == "none":
+        raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")
     if config.imbalance is not None and not 0 < config.imbalance <= 1:
         raise FoproError(f"--imbalance {config.imbalance} is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01")
 
@@ -204,6 +224,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FoproError(f"--config {path} must hold a mapping of option names to values")
     normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+    retired = [k for k in normalised if k in RETIRED_KEYS]
+    if retired:
+        raise FoproError(f"--config {path}: {retired[0]} {RETIRED_KEYS[retired[0]]}: delete that line")
     unknown = [k for k in normalised if k not in FIELDS or k == "extra"]
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, n=1)) else k for k in unknown]
@@ -269,7 +292,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 OPTIONAL_FLOATS = ("hflip", "vflip", "rotate", "color_jitter", "imbalance", "lr")
-PATH_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "teacher_weights", "student_weights", "probe_init", "out")
+PATH_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "unlabeled", "teacher_weights", "student_weights", "probe_init", "out")
 
 
 def absolute_paths(config: DistillConfig) -> DistillConfig:
@@ -297,6 +320,7 @@ def load_run_config(run_dir: Path) -> DistillConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise FoproError(f"{path} is not valid JSON: the run folder is damaged") from err
+    data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
         raise FoproError(f"{path} has unknown key(s) {', '.join(unknown)}: was it written by another fopro version?")

@@ -1,7 +1,9 @@
 """The Fourier Prompt Generator (FPG): a learnable, symmetric, bounded amplitude mask.
 
 ``M = 1 + strength * tanh(symmetrize(g))`` over the unshifted fft2 grid, shared across colour
-channels, and the prompted image is ``clamp(ifft2(M * fft2(x)).real, 0, 1)``. ``g`` is
+channels, except at the DC term (the image's mean brightness), where ``M`` is always 1: a brightness
+gain would be the adversary's easiest move and clamps whole regions to 0 or 1, where no gradient
+flows. The prompted image is ``clamp(ifft2(M * fft2(x)).real, 0, 1)``. ``g`` is
 
 * ``"dataset"``: one learnable map (1, 1, H, W), zero init (a dataset-level prompt);
 * ``"conditional"``: a small conv net reading the channel-mean log-amplitude spectrum
@@ -46,6 +48,9 @@ class FourierPromptGenerator(nn.Module):
         self.strength = float(strength)
         self.hidden = int(hidden)
 
+        not_dc = torch.ones(self.image_size, self.image_size)
+        not_dc[0, 0] = 0.0
+        self.register_buffer("not_dc", not_dc, persistent=False)
         self.prompt: nn.Parameter | None = None
         self.net: nn.Sequential | None = None
         if mode in ("dataset", "both"):
@@ -93,8 +98,9 @@ class FourierPromptGenerator(nn.Module):
         return g
 
     def mask(self, x: Tensor) -> Tensor:
-        """``M = 1 + strength * tanh(symmetrize(g))``, shape (B or 1, 1, H, W), in [1-s, 1+s]."""
-        return 1.0 + self.strength * torch.tanh(symmetrize(self.logits(x)))
+        """``M = 1 + strength * tanh(symmetrize(g))`` (1 at DC), shape (B or 1, 1, H, W), in [1-s, 1+s]."""
+        deviation = self.strength * torch.tanh(symmetrize(self.logits(x)))
+        return 1.0 + deviation * self.not_dc.to(deviation.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(x_prompted, mask)`` with ``x_prompted = clamp(ifft2(M * fft2(x)).real, 0, 1)``."""

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fopro.data.manifest import UNLABELED
 from fopro.errors import FoproError
 
 LOSSES = ("balanced_softmax", "ce")
@@ -23,7 +24,7 @@ def class_log_prior(train_counts: list[int]) -> torch.Tensor:
 
 def balanced_softmax(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on logits + log(prior): the label-shift-corrected softmax of Ren et al. (2020)."""
-    return F.cross_entropy(logits + log_prior.to(logits.device, logits.dtype), labels)
+    return F.cross_entropy(logits + log_prior.to(logits.device, logits.dtype), labels, ignore_index=UNLABELED)
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,8 @@ def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class SupervisedLoss(nn.Module):
-    """L_sup(logits, y) for one of LOSSES, with the training class counts that balanced softmax needs."""
+    """L_sup(logits, y) for one of LOSSES, with the training class counts that balanced softmax needs;
+    images labelled UNLABELED (-1) are left out of the mean."""
 
     def __init__(self, name: str, train_counts: list[int]):
         super().__init__()
@@ -48,7 +50,7 @@ class SupervisedLoss(nn.Module):
         logits = logits.float()
         if self.name == "balanced_softmax":
             return balanced_softmax(logits, labels, self.log_prior)
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, ignore_index=UNLABELED)
 
 
 def check_loss(name: str) -> None:

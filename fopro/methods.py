@@ -7,20 +7,24 @@ does the student's optimisation, so every method is trained the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fopro.errors import FoproError
 from fopro.fpg import FourierPromptGenerator
+from fopro.data.manifest import UNLABELED
 from fopro.losses import SupervisedLoss, balanced_softmax, cosine_distance, feature_mse
 from fopro.models.student import DistillHeads, features_and_logits
 from fopro.models.teacher import Teacher
 from fopro.preprocess import Preprocess
 
 METHODS = ("none", "kd", "ekd", "fopro")
+FPG_GRAD_CLIP = 5.0  # the FPG's and h_t's gradients are clipped separately (h_t's would dominate a joint norm)
 
 
 @dataclass
@@ -31,7 +35,8 @@ class MethodConfig:
     fpg_reg: float = 0.1  # beta: keeps the mask near 1
     fpg_every: int = 1
     fpg_lr: float = 1e-3
-    reuse_teacher_forward: bool = True
+    prompt_fraction: float = 1.0  # share of each batch that the FPG prompts (fopro)
+    probe_kd: float = 0.0  # weight of KL(teacher probe || student) on the teacher's embedding (kd, ekd, fopro)
 
 
 def check_method(name: str) -> None:
@@ -60,6 +65,9 @@ class Method(nn.Module):
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
 
+    def set_schedule(self, lr_factor: float, adversary_factor: float) -> None:
+        """Where the run is: the factor of the learning-rate schedule and of the adversary's ramp (fopro)."""
+
     def trainable_state(self) -> dict[str, nn.Module]:
         """The modules whose weights a resumable training state keeps."""
         return {"student": self.student}
@@ -80,9 +88,20 @@ class FeatureKD(Method):
     uses_teacher = True
     second_head = False
 
-    def __init__(self, config: MethodConfig, student: nn.Module, student_preprocess: Preprocess, sup_loss: SupervisedLoss, teacher: Teacher):
+    def __init__(
+        self,
+        config: MethodConfig,
+        student: nn.Module,
+        student_preprocess: Preprocess,
+        sup_loss: SupervisedLoss,
+        teacher: Teacher,
+        probe: nn.Module | None = None,
+    ):
         super().__init__(config, student, student_preprocess, sup_loss)
+        if config.probe_kd > 0 and probe is None:
+            raise FoproError("--probe-kd needs the teacher probe (a linear classifier on the teacher's embeddings)")
         self.teacher = teacher
+        self.probe = probe.requires_grad_(False).eval() if probe is not None else None
         self.heads = DistillHeads(student.num_features, teacher.embed_dim, len(sup_loss.log_prior), second_head=self.second_head)
 
     def student_parameters(self) -> list[nn.Parameter]:
@@ -91,17 +110,26 @@ class FeatureKD(Method):
     def trainable_state(self) -> dict[str, nn.Module]:
         return {"student": self.student, "heads": self.heads}
 
-    def teacher_embedding(self, images: torch.Tensor, labels: torch.Tensor, projected: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            return self.teacher(images), {}
-
     def alignment(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return feature_mse(projected, target)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         features, logits = self.student_forward(images)
         projected, second_logits = self.heads(features)
-        target, parts = self.teacher_embedding(images, labels, projected, step)
+        with torch.no_grad():
+            target = self.teacher(images)
+        return self.student_loss(logits, projected, second_logits, target, labels, {})
+
+    def student_loss(
+        self,
+        logits: torch.Tensor,
+        projected: torch.Tensor,
+        second_logits: torch.Tensor | None,
+        target: torch.Tensor,
+        labels: torch.Tensor,
+        parts: dict[str, float],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_sup(fc(f)) + lambda * alignment(p(f), target) [+ L_sup(fc_t(p(f))) with the second head]."""
         align = self.alignment(projected, target)
         sup = self.sup_loss(logits, labels)
         loss = self.config.ekd_weight * align + sup
@@ -110,7 +138,18 @@ class FeatureKD(Method):
             sup_t = self.sup_loss(second_logits, labels)
             loss = loss + sup_t
             parts["sup_t"] = sup_t.item()
+        if self.config.probe_kd > 0:
+            probe_kd = self.probe_distillation(logits, target)
+            loss = loss + self.config.probe_kd * probe_kd
+            parts["probe_kd"] = probe_kd.item()
         return loss, parts
+
+    def probe_distillation(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """KL(softmax(probe(z_t)) || softmax(fc(f))), mean over every image (unlabelled ones too): the teacher
+        probe's class beliefs, balanced like the student's logits (both trained with the same loss)."""
+        with torch.no_grad():
+            teacher_probs = torch.softmax(self.probe(target.float()), dim=1)
+        return F.kl_div(torch.log_softmax(logits.float(), dim=1), teacher_probs, reduction="batchmean")
 
 
 class EffectiveKD(FeatureKD):
@@ -122,26 +161,45 @@ class EffectiveKD(FeatureKD):
         return cosine_distance(projected, target)
 
 
+@dataclass
+class PromptedBatch:
+    """One fopro step's tensors: the teacher's input x~ (prompted, with its graph to the FPG), the student's input
+    (the same values, cut from that graph), z_t(x~), p(f(x~)), the labels, the mask M and which images were prompted."""
+
+    inputs: torch.Tensor
+    student_inputs: torch.Tensor
+    embedding: torch.Tensor
+    projected: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+    selection: torch.Tensor | None
+
+
 class FoProKD(EffectiveKD):
-    """`fopro`: EKD against the teacher's embedding of the Fourier-prompted image, with the FPG trained
-    adversarially (AKD) to make the teacher's embedding discriminative (through h_t) and far from the student.
+    """`fopro`: EKD on Fourier-prompted images, with the FPG trained adversarially (AKD).
+
+    Each step the FPG prompts (a share ``prompt_fraction`` of) the batch, x~ = FPG(x). The student learns on
+    x~: L_sup(fc(f(x~))) + L_sup(fc_t(p(f(x~)))) + lambda * mean(2 - 2 cos(p(f(x~)), z_t(x~))), so the
+    adversary's images are the ones it is trained on. The FPG and the teacher head h_t then minimise
+    L_fpg = L_sup(h_t(z_t(x~)), y) - alpha * mean(2 - 2 cos(p(f(x~)), z_t(x~))) + beta * mean((M - 1)^2):
+    keep the teacher's embedding of x~ discriminative while making it hard for the student to match. The
+    student's forward pass is shared by both objectives (its graph is cut at x~, and the FPG's gradient
+    through the student is carried back to the FPG by hand), which keeps the step cheap.
+    fopro's own reconstruction: the authors did not publish the FPG or AKD (see README, "The method").
     """
 
-    def __init__(
-        self,
-        config: MethodConfig,
-        student: nn.Module,
-        student_preprocess: Preprocess,
-        sup_loss: SupervisedLoss,
-        teacher: Teacher,
-        fpg: FourierPromptGenerator,
-    ):
-        super().__init__(config, student, student_preprocess, sup_loss, teacher)
+    def __init__(self, config: MethodConfig, student: nn.Module, student_preprocess: Preprocess, sup_loss: SupervisedLoss, teacher: Teacher,
+                 fpg: FourierPromptGenerator, probe: nn.Module | None = None):
+        super().__init__(config, student, student_preprocess, sup_loss, teacher, probe)
         if config.fpg_every < 1:
             raise FoproError(f"--fpg-every {config.fpg_every} must be at least 1")
+        if not 0.0 < config.prompt_fraction <= 1.0:
+            raise FoproError(f"--prompt-fraction {config.prompt_fraction} must be in (0, 1]")
         self.fpg = fpg
         self.teacher_head = nn.Linear(teacher.embed_dim, len(sup_loss.log_prior))
         self.fpg_optimizer = torch.optim.Adam(list(fpg.parameters()) + list(self.teacher_head.parameters()), lr=config.fpg_lr)
+        self.lr_factor = 1.0
+        self.adversary_factor = 1.0
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"fpg": self.fpg_optimizer}
@@ -149,36 +207,80 @@ class FoProKD(EffectiveKD):
     def trainable_state(self) -> dict[str, nn.Module]:
         return {**super().trainable_state(), "fpg": self.fpg, "teacher_head": self.teacher_head}
 
-    def fpg_loss(self, images: torch.Tensor, labels: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """L_fpg = L_sup(h_t(z_t(x~)), y) - alpha * mean(2 - 2 cos(p(f).detach(), z_t(x~))) + beta * mean((M - 1)^2)."""
-        prompted, mask = self.fpg(images)
-        embedding = self.teacher(prompted)
-        explore = balanced_softmax(self.teacher_head(embedding.float()), labels, self.sup_loss.log_prior)
-        adversarial = cosine_distance(projected.detach(), embedding)
-        regulariser = (mask - 1).pow(2).mean()
-        loss = explore - self.config.adv_weight * adversarial + self.config.fpg_reg * regulariser
-        parts = {"fpg": loss.item(), "fpg_explore": explore.item(), "fpg_adv": adversarial.item(), "fpg_mask": (mask - 1).abs().mean().item()}
-        return loss, embedding, parts
+    def set_schedule(self, lr_factor: float, adversary_factor: float) -> None:
+        self.lr_factor, self.adversary_factor = lr_factor, adversary_factor
 
-    def teacher_embedding(self, images: torch.Tensor, labels: torch.Tensor, projected: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Run the FPG step when due; the student's target is the teacher's embedding of the prompted image."""
-        if step % self.config.fpg_every == 0:
-            loss, embedding, parts = self.fpg_loss(images, labels, projected)
-            self.fpg_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            parameters = list(self.fpg.parameters()) + list(self.teacher_head.parameters())
-            self.sync_gradients(parameters)
-            # after the sync every process sees the same gradients, so all skip a non-finite update together
-            # (the loop then stops on the non-finite losses it gets back)
-            if all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
-                nn.utils.clip_grad_norm_(parameters, 5.0)
-                self.fpg_optimizer.step()
-            if self.config.reuse_teacher_forward:
-                return embedding.detach(), parts
-        else:
-            parts = {}
-        with torch.no_grad():
-            return self.teacher(self.fpg(images)[0]), parts
+    def prompt_selection(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Which images the FPG prompts: all (None), or the first ceil(fraction * n) of the labelled images and
+        of the unlabelled ones (the loader's order is random)."""
+        if self.config.prompt_fraction >= 1.0:
+            return None
+        selection = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+        for part in (labels != UNLABELED, labels == UNLABELED):
+            indices = part.nonzero().flatten()
+            selection[indices[: math.ceil(self.config.prompt_fraction * len(indices))]] = True
+        return selection
+
+    def prompted_batch(self, images: torch.Tensor, selection: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with the selected images prompted, and the mask M."""
+        if selection is None:
+            return self.fpg(images)
+        prompted, mask = self.fpg(images[selection])
+        inputs = images.clone()
+        inputs[selection] = prompted
+        return inputs, mask
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        fpg_due = step % self.config.fpg_every == 0
+        alpha = self.config.adv_weight * self.adversary_factor if fpg_due else 0.0
+        selection = self.prompt_selection(labels)
+        with torch.set_grad_enabled(fpg_due):
+            inputs, mask = self.prompted_batch(images, selection)
+            embedding = self.teacher(inputs)
+        student_inputs = inputs.detach().requires_grad_(alpha > 0)
+        features, logits = self.student_forward(student_inputs)
+        projected, second_logits = self.heads(features)
+        batch = PromptedBatch(inputs, student_inputs, embedding, projected, labels, mask, selection)
+        parts = self.fpg_step(batch, alpha) if fpg_due else {}
+        return self.student_loss(logits, projected, second_logits, embedding.detach(), labels, parts)
+
+    def fpg_loss(self, batch: PromptedBatch, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """L_fpg = L_sup(h_t(z_t(x~)), y) - alpha * mean(2 - 2 cos(p(f(x~)), z_t(x~))) + beta * mean((M - 1)^2),
+        over the prompted images (the supervised term over the labelled ones among them)."""
+        embedding, projected, labels = batch.embedding, batch.projected, batch.labels
+        if batch.selection is not None:
+            embedding, projected, labels = embedding[batch.selection], projected[batch.selection], labels[batch.selection]
+        explore = balanced_softmax(self.teacher_head(embedding.float()), labels, self.sup_loss.log_prior)
+        adversarial = cosine_distance(projected, embedding)
+        regulariser = (batch.mask - 1).pow(2).mean()
+        loss = explore - alpha * adversarial + self.config.fpg_reg * regulariser
+        parts = {"fpg": loss.item(), "fpg_explore": explore.item(), "fpg_adv": adversarial.item(), "fpg_mask": (batch.mask - 1).abs().mean().item()}
+        return loss, parts
+
+    def fpg_step(self, batch: PromptedBatch, alpha: float) -> dict[str, float]:
+        """One update of the FPG and h_t on L_fpg, on the warm-up + cosine schedule of the student's rate.
+
+        The gradient that reaches x~ through the student (the adversarial term) is sent on to the FPG with a
+        second backward from x~; the student's own weights get no gradient from L_fpg."""
+        loss, parts = self.fpg_loss(batch, alpha)
+        fpg_parameters, head_parameters = list(self.fpg.parameters()), list(self.teacher_head.parameters())
+        self.fpg_optimizer.zero_grad(set_to_none=True)
+        through_student = [batch.student_inputs] if batch.student_inputs.requires_grad else []
+        grads = torch.autograd.grad(loss, fpg_parameters + head_parameters + through_student, retain_graph=True, allow_unused=True)
+        for parameter, grad in zip(fpg_parameters + head_parameters, grads):
+            parameter.grad = grad
+        if through_student:
+            torch.autograd.backward(batch.inputs, grad_tensors=grads[-1], inputs=fpg_parameters)
+        self.sync_gradients(fpg_parameters + head_parameters)
+        # after the sync every process sees the same gradients, so all skip a non-finite update together
+        # (the loop then stops on the non-finite losses it gets back)
+        if all(torch.isfinite(p.grad).all() for p in fpg_parameters + head_parameters if p.grad is not None):
+            nn.utils.clip_grad_norm_(fpg_parameters, FPG_GRAD_CLIP)
+            nn.utils.clip_grad_norm_(head_parameters, FPG_GRAD_CLIP)
+            for group in self.fpg_optimizer.param_groups:
+                group["lr"] = self.config.fpg_lr * self.lr_factor
+            self.fpg_optimizer.step()
+        return parts
 
 
 def build_method(
@@ -188,6 +290,7 @@ def build_method(
     sup_loss: SupervisedLoss,
     teacher: Teacher | None,
     fpg: FourierPromptGenerator | None,
+    probe: nn.Module | None = None,
 ) -> Method:
     check_method(config.name)
     if config.name == "none":
@@ -195,9 +298,9 @@ def build_method(
     if teacher is None:
         raise FoproError(f"--method {config.name} needs a teacher: pass --teacher")
     if config.name == "kd":
-        return FeatureKD(config, student, student_preprocess, sup_loss, teacher)
+        return FeatureKD(config, student, student_preprocess, sup_loss, teacher, probe)
     if config.name == "ekd":
-        return EffectiveKD(config, student, student_preprocess, sup_loss, teacher)
+        return EffectiveKD(config, student, student_preprocess, sup_loss, teacher, probe)
     if fpg is None:
         raise FoproError("--method fopro needs the Fourier Prompt Generator")
-    return FoProKD(config, student, student_preprocess, sup_loss, teacher, fpg)
+    return FoProKD(config, student, student_preprocess, sup_loss, teacher, fpg, probe)

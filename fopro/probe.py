@@ -25,6 +25,17 @@ The probe (``run_probe``)
     error of each delta (paired, per image: the same images and folds are scored clean and transformed). A
     change counts only when it exceeds max(``min_effect`` = 1 point, 2 standard errors); smaller ones are noise.
 
+The linear probe (``run_probe``, unless ``linear=False``): how much the teacher knows
+    A linear classifier on the frozen teacher's embeddings (:mod:`fopro.linear_probe`), the reference number a
+    distilled student is compared with. It is trained on the TRAIN split (``linear_views`` passes, each a
+    different deterministic draw of the ``augment`` preset the student gets; images at the teacher's input
+    size) with balanced softmax on the training counts, and scored on the WHOLE probed split (not capped by
+    ``per_class``) with :func:`fopro.metrics.compute_metrics`, the report every student gets. probe.json holds
+    it under ``linear_probe`` (headline numbers, per-class recall, options and the full report in
+    ``metrics``). The key is absent when the linear probe did not run: ``linear=False``, no train split,
+    ``--split train`` (it would be scored on its own training images) or a class without training image
+    (the last three with a note saying why). Readers must not require it (older probe.json files lack it).
+
 The learned FPG (``probe_fpg``)
     Loads ``RUN_DIR/fpg.safetensors`` with ``RUN_DIR/config.json``, averages its mask over the probed images
     (2-D, and its radial profile: the mean mask per band) and compares it with an earlier probe's preference.
@@ -36,7 +47,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,11 +56,13 @@ import torch
 from PIL import Image
 
 from fopro.data import DataOptions, Manifest, checked_dataset, load_splits
+from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, resolve_augment
 from fopro.data.sources import SPLITS
 from fopro.errors import FoproError
 from fopro.fourier import amplitude_phase, band_edges, band_masks, fftshift2, scale_band
 from fopro.fpg import FourierPromptGenerator
 from fopro.io import write_json
+from fopro.linear_probe import LinearProbeOptions, teacher_probe
 from fopro.metrics import assign_group, confusion_matrix, group_definitions, per_class_recall
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
 from fopro.runtime import ProgressFn, no_progress, resolve_device
@@ -68,6 +81,7 @@ __all__ = [
     "knn_neighbours",
     "cross_val_predictions",
     "discriminability",
+    "linear_probe_line",
 ]
 
 FORMAT = "fopro-probe/1"
@@ -100,6 +114,9 @@ class ProbeOptions:
     folds: int = 5
     neighbours: int = 5
     min_effect: float = 0.01
+    linear: bool = True
+    linear_views: int = 4
+    augment: str = DEFAULT_PRESET
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -153,7 +170,14 @@ def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], lis
         raise FoproError(
             f"--tail-threshold {options.tail_threshold} is above --head-threshold {options.head_threshold}: choose tail <= head"
         )
+    linear_options(options)
+    resolve_augment(options.augment)
     return edges, gains
+
+
+def linear_options(options: ProbeOptions) -> LinearProbeOptions:
+    """The linear probe's options: ``linear_views`` views, the probe's seed, the other values at their defaults."""
+    return LinearProbeOptions(views=options.linear_views, seed=options.seed)
 
 
 def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> None:
@@ -552,6 +576,7 @@ class _Probed:
     tail: dict
     device: torch.device
     notes: list[str]
+    splits: Any = None
 
 
 def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options: ProbeOptions,
@@ -573,7 +598,7 @@ def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options
                      f"{native / size:.2f} of Nyquist hold little real content")
     probed = sorted(int(c) for c in np.unique(labels))
     tail, tail_notes = tail_classes(splits, splits.classes, probed, options)
-    return _Probed(teacher.to(device), images, labels, splits.classes, probed, tail, device, notes + tail_notes)
+    return _Probed(teacher.to(device), images, labels, splits.classes, probed, tail, device, notes + tail_notes, splits)
 
 
 def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: list[float], options: ProbeOptions,
@@ -627,6 +652,82 @@ def _extra_notes(clean: dict, gains: list[float], num_probed: int, min_effect: f
     return notes
 
 
+def _linear_skip_reason(data: _Probed, options: ProbeOptions) -> str | None:
+    """Why the linear probe cannot run on this data (a note), or None when it can."""
+    if options.split == "train":
+        return ("--split train: the linear probe is trained on the train split and not scored on its own "
+                "training images; probe --split val or test for it")
+    if "train" not in data.splits or len(data.splits["train"]) == 0:
+        return ("no train split: no linear probe (it is trained on the train split; give it with the same "
+                "data options)")
+    empty = [name for name, count in zip(data.classes, data.splits["train"].class_counts()) if count == 0]
+    if empty:
+        return (f"class(es) {', '.join(empty)} have no training image: no linear probe (balanced softmax needs "
+                "every class in the train split)")
+    return None
+
+
+def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOptions,
+                     progress: ProgressFn) -> tuple[dict | None, list[str]]:
+    """probe.json's ``linear_probe`` (see the module docstring) and notes; None with a note when it cannot run."""
+    if not options.linear:
+        return None, []
+    reason = _linear_skip_reason(data, options)
+    if reason is not None:
+        return None, [reason]
+    notes: list[str] = []
+    linear = linear_options(options)
+    augmentation = resolve_augment(options.augment)
+    if linear.views > 1 and augmentation == AugmentConfig():
+        linear = replace(linear, views=1)
+        notes.append(f"--augment {options.augment} draws nothing, so the linear probe's {options.linear_views} "
+                     "train views would be identical: it uses 1 view")
+    size, skip = data.teacher.preprocess.image_size, data_options.skip_bad_images
+    train_manifest, eval_manifest = data.splits["train"], data.splits[options.split]
+    train_set = checked_dataset(train_manifest, size, skip, train=True, seed=options.seed, augment_config=augmentation)
+    eval_set = checked_dataset(eval_manifest, size, skip)
+    for dataset, manifest in ((train_set, train_manifest), (eval_set, eval_manifest)):
+        notes += [note for note in dataset.manifest.notes if note not in manifest.notes]
+    counts = train_manifest.class_counts()
+    scored = teacher_probe(data.teacher, train_set, {options.split: eval_set}, data.classes, counts,
+                           options.head_threshold, options.tail_threshold, linear, data.device, progress,
+                           embed_batch_size=options.batch_size)
+    report = scored["splits"][options.split]
+    groups = report["groups"] or {}
+    result = {
+        "trained_on": "train",
+        "evaluated_on": options.split,
+        "classifier": "linear layer on standardised teacher embeddings, balanced softmax on the training "
+                      "counts, Adam; plain softmax at test time",
+        "train_images": scored["train_images"],
+        "views": scored["views"],
+        "augment": options.augment,
+        "augmentation": augmentation.as_dict(),
+        "image_size": size,
+        "embed_dim": scored["embed_dim"],
+        "epochs": scored["epochs"],
+        "options": scored["options"],
+        "num_images": report["num_samples"],
+        **{key: report[key] for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "tail_recall")},
+        "group_recall": {group: info["mean_recall"] for group, info in groups.items()},
+        "tail_classes": (groups.get("tail") or {}).get("classes"),
+        "per_class_recall": {row["name"]: row["recall"] for row in report["per_class"]},
+        "metrics": report,
+    }
+    return result, notes
+
+
+def linear_probe_line(linear: dict) -> str:
+    """One line: e.g. "linear probe (trained on train, 4 augmented views): val balanced accuracy 84.2%, ..."."""
+    views, plural = linear["views"], "s" if linear["views"] > 1 else ""
+    augmented = linear.get("augmentation") != AugmentConfig().as_dict()
+    how = f"{views} augmented view{plural}" if augmented else f"{views} view{plural}, no augmentation"
+    percent = lambda value: "n/a" if value is None else f"{100 * value:.1f}%"  # noqa: E731
+    return (f"linear probe (trained on {linear['trained_on']}, {how}): {linear['evaluated_on']} balanced accuracy "
+            f"{percent(linear['balanced_accuracy'])}, tail recall {percent(linear['tail_recall'])}, "
+            f"macro-F1 {percent(linear['macro_f1'])}")
+
+
 def run_probe(
     teacher_options: TeacherOptions,
     data_options: DataOptions,
@@ -635,13 +736,15 @@ def run_probe(
     progress: ProgressFn = no_progress,
     teacher: Teacher | None = None,
 ) -> dict:
-    """Probe the teacher's frequency preferences on one split; returns probe.json's content (written to out_dir).
+    """Probe the teacher's frequency preferences on one split, and (``options.linear``) fit the linear probe on
+    the train split and score it on that split; returns probe.json's content (written to out_dir).
 
     ``teacher`` (optional) is an already built frozen Teacher to use instead of loading ``teacher_options``
     (which then only names it in the report).
     """
     edges, gains = check_options(options)
     data = _prepare(teacher_options, data_options, options, edges, teacher)
+    linear, linear_notes = run_linear_probe(data, data_options, options, progress)  # first: bad train images fail fast
     clean, results, evaluation = _score_conditions(data, edges, gains, options, progress)
     pref = preference(results, edges, options.min_effect)
     classes, probed, size = data.classes, data.probed, data.teacher.preprocess.image_size
@@ -670,8 +773,10 @@ def run_probe(
         "results": [_named_recalls(row, classes, probed) for row in results],
         "preference": pref,
         "verdict": verdict_line(name, clean, pref, gains),
-        "notes": data.notes + _extra_notes(clean, gains, len(probed), options.min_effect),
+        "notes": data.notes + _extra_notes(clean, gains, len(probed), options.min_effect) + linear_notes,
     }
+    if linear is not None:
+        result["linear_probe"] = linear
     if out_dir is not None:
         write_probe(result, Path(out_dir))
     return result

@@ -23,13 +23,14 @@ from torch import nn
 
 from fopro.checkpoint import CheckpointMeta, save_checkpoint
 from fopro.config import DistillConfig, save_config
-from fopro.data import ImageDataset, Splits, checked_dataset, load_splits
+from fopro.data import ImageDataset, Splits, checked_dataset, load_splits, read_unlabeled
 from fopro.data.augment import AugmentConfig, describe
 from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barrier, device_for
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
 from fopro.fpg import FourierPromptGenerator
 from fopro.io import atomic_path, write_text
+from fopro.linear_probe import LinearProbeOptions, fit_teacher_probe, score_probe
 from fopro.losses import SupervisedLoss
 from fopro.methods import Method, build_method
 from fopro.metrics import compute_metrics
@@ -59,11 +60,13 @@ class Run:
     splits: Splits
     train_set: ImageDataset
     val_set: ImageDataset | None
+    unlabeled_set: ImageDataset | None
     train_counts: list[int]
     method: Method
     student_preprocess: Preprocess
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None
+    teacher_probe: nn.Module | None  # the linear probe on the frozen teacher (fopro.linear_probe), when fitted
     lr: float
     env: DistEnv = SINGLE
     notes: list[str] = field(default_factory=list)
@@ -105,6 +108,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "c
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_step_schedule(method: Method, optimizer: torch.optim.Optimizer, lr: float, factor: float, adversary: float) -> None:
+    """The student's rate (peak lr x schedule factor) and the method's own schedule (FPG rate, adversary ramp)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * factor
+    method.set_schedule(factor, adversary)
+
+
+def adversary_ramp(step: int, warmup_steps: int, steps_per_epoch: int) -> float:
+    """The adversary's weight factor: 0 -> 1 over the warm-up (at least one epoch), so h_t learns first."""
+    return min(1.0, step / max(1, warmup_steps, steps_per_epoch))
+
+
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise FoproError(f"--out {run_dir} is a file: give a folder for the run")
@@ -135,6 +150,7 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         val_set = checked_dataset(splits["val"], config.image_size, data.skip_bad_images)
     else:
         notes.append("no val split: best.safetensors is the last epoch (no model selection)")
+    unlabeled_set = unlabeled_dataset(config, augmentation, notes)
     progress("checking images", 1, 1)
     torch.manual_seed(config.seed)
     student, student_preprocess = create_student(config.student_options(), len(splits.classes))
@@ -145,8 +161,11 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         teacher, teacher_notes = load_teacher(config.teacher_options(), config.image_size)
         notes.extend(teacher_notes)
     fpg = build_fpg(config) if config.method == "fopro" else None
+    probe = None
+    if teacher is not None and (config.probe_kd > 0 or (config.teacher_probe and env.is_main)):
+        probe = fit_teacher_probe(teacher, train_set, train_counts, probe_options(config, train_set), device, progress)
     sup_loss = SupervisedLoss(config.loss, train_counts)
-    method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg).to(device)
+    method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg, probe if config.probe_kd > 0 else None).to(device)
     method.sync_gradients = lambda parameters: average_gradients(parameters, env)
     if env.enabled and device.type == "cuda":  # SyncBatchNorm works on GPUs only
         for name, module in method.trainable_state().items():
@@ -164,7 +183,26 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     if config.lr is None:
         notes.append(f"--lr auto: {lr:.3g} for {config.optimizer} at a global batch of {config.batch_size * env.world_size}")
     optimizer = make_optimizer(config, method.student_parameters(), lr)
-    return Run(config, run_dir, device, splits, train_set, val_set, train_counts, method, student_preprocess, optimizer, teacher, lr, env, notes)
+    return Run(
+        config, run_dir, device, splits, train_set, val_set, unlabeled_set, train_counts, method, student_preprocess, optimizer, teacher, probe, lr, env, notes
+    )
+
+
+UNLABELED_SEED_OFFSET = 104_729  # the unlabelled images' augmentation draws differ from the labelled ones'
+
+
+def unlabeled_dataset(config: DistillConfig, augmentation: AugmentConfig, notes: list[str]) -> ImageDataset | None:
+    """--unlabeled: images that join the alignment (and FPG) terms only, augmented like the train split."""
+    if not config.unlabeled:
+        return None
+    data = config.data_options()
+    manifest = read_unlabeled(Path(config.unlabeled), images=data.images, image_column=config.image_column)
+    dataset = checked_dataset(
+        manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed + UNLABELED_SEED_OFFSET, augment_config=augmentation
+    )
+    terms = "alignment and FPG terms" if config.method == "fopro" else "alignment term"
+    notes.append(f"--unlabeled: {len(dataset)} images, {config.unlabeled_batch_size()} per step, in the {terms} only")
+    return dataset
 
 
 def config_warnings(config: DistillConfig, augmentation: AugmentConfig) -> list[str]:
@@ -259,17 +297,17 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     batches = local_batches(run)
     total_steps = config.epochs * len(batches)
     warmup = int(config.warmup_epochs * len(batches))
-    loader = make_loader(run, batches[run.step :])
+    loader = with_unlabeled(run, make_loader(run, run.train_set, batches[run.step :]), len(batches))
     method.train()
     if run.step == 0:
         run.running = {}
     running = run.running
     started, seen = time.perf_counter(), 0
-    for images, labels, _ in loader:
+    for images, labels in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
-        factor = lr_factor(run.epoch * len(batches) + run.step, total_steps, warmup, config.schedule)
-        for group in run.optimizer.param_groups:
-            group["lr"] = run.lr * factor
+        global_step = run.epoch * len(batches) + run.step
+        factor = lr_factor(global_step, total_steps, warmup, config.schedule)
+        set_step_schedule(method, run.optimizer, run.lr, factor, adversary_ramp(global_step, warmup, len(batches)))
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         try:
             parts, stop = optimisation_step(
@@ -335,12 +373,34 @@ def local_batches(run: Run) -> list[list[int]]:
     return [batch[env.rank * size : (env.rank + 1) * size] for batch in epoch_batches(order, size * env.world_size)]
 
 
-def make_loader(run: Run, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+def unlabeled_batches(size: int, steps: int, per_step: int, epoch: int, seed: int, env: DistEnv) -> list[list[int]]:
+    """This process's unlabelled images for each step of an epoch: successive permutations of the pool, cut
+    into global batches of per_step x processes (the same global order everywhere)."""
+    rng = np.random.default_rng([seed, epoch, 29])
+    global_batch = per_step * env.world_size
+    needed = steps * global_batch
+    order = np.concatenate([rng.permutation(size) for _ in range(-(-needed // size))])[:needed]
+    return [order[i * global_batch + env.rank * per_step : i * global_batch + (env.rank + 1) * per_step].tolist() for i in range(steps)]
+
+
+def with_unlabeled(run: Run, loader: torch.utils.data.DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) per step: the labelled batch, followed by its unlabelled images (label UNLABELED) if any."""
+    if run.unlabeled_set is None:
+        yield from ((images, labels) for images, labels, _ in loader)
+        return
+    run.unlabeled_set.set_epoch(run.epoch)
+    batches = unlabeled_batches(len(run.unlabeled_set), steps, run.config.unlabeled_batch_size(), run.epoch, run.config.seed, run.env)
+    extra = make_loader(run, run.unlabeled_set, batches[run.step :])
+    for (images, labels, _), (more, unlabeled, _) in zip(loader, extra):
+        yield torch.cat([images, more]), torch.cat([labels, unlabeled])
+
+
+def make_loader(run: Run, dataset: ImageDataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
     workers = run.config.workers
     if workers is None:
-        workers = 0 if run.train_set.cached else min(8, max(1, (torch.get_num_threads() or 2) - 1))
+        workers = 0 if dataset.cached else min(8, max(1, (torch.get_num_threads() or 2) - 1))
     return torch.utils.data.DataLoader(
-        run.train_set, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda", persistent_workers=False
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda", persistent_workers=False
     )
 
 
@@ -470,6 +530,7 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "epochs": run.config.epochs,
         "classes": run.splits.classes,
         "train_counts": run.train_counts,
+        "unlabeled_images": len(run.unlabeled_set) if run.unlabeled_set is not None else 0,
         "lr": run.lr,
         "augmentation": {"preset": run.config.augment, **run.train_set.augment_config.as_dict()},
         "augmentation_text": describe(run.config.augment, run.train_set.augment_config),
@@ -478,7 +539,43 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "checkpoints": {"best": str(run.run_dir / "best.safetensors"), "last": str(run.run_dir / "last.safetensors")},
         "notes": run.notes,
     }
+    if run.teacher_probe is not None and run.config.teacher_probe and run.env.is_main:
+        summary["teacher_probe"] = run_teacher_probe(run, progress)
     if "test" in run.splits and run.env.is_main:
         options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), head_threshold=run.config.head_threshold, tail_threshold=run.config.tail_threshold)
         summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
+    probe = summary.get("teacher_probe")
+    if probe and "test" in summary and "test" in probe["splits"]:
+        summary["transfer"] = transfer_ratios(summary["test"], probe["splits"]["test"])
     return summary
+
+
+PROBE_KEYS = ("balanced_accuracy", "tail_recall", "macro_f1")
+
+
+def probe_options(config: DistillConfig, train_set: ImageDataset) -> LinearProbeOptions:
+    """4 augmented views of the train split (1 when it is not augmented), seeded by the run's seed."""
+    return LinearProbeOptions(views=4 if train_set.augment_config != AugmentConfig() else 1, seed=config.seed)
+
+
+def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
+    """The teacher probe scored on val and test: what a linear classifier on the frozen teacher's embeddings
+    of the (augmented) train split reaches, the reference for the student."""
+    eval_sets = {"val": run.val_set} if run.val_set is not None else {}
+    if "test" in run.splits and len(run.splits["test"]):
+        eval_sets["test"] = checked_dataset(run.splits["test"], run.config.image_size, run.config.skip_bad_images)
+    scores = score_probe(
+        run.teacher_probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold,
+        run.device, progress,
+    )
+    views = probe_options(run.config, run.train_set).views
+    splits = {
+        split: {**{key: report[key] for key in PROBE_KEYS}, "head_recall": ((report.get("groups") or {}).get("head") or {}).get("mean_recall")}
+        for split, report in scores.items()
+    }
+    return {"views": views, "splits": splits}
+
+
+def transfer_ratios(student: dict[str, Any], probe: dict[str, Any]) -> dict[str, float | None]:
+    """The student's test numbers as fractions of the teacher probe's (1.0: all that the probe knows)."""
+    return {key: student[key] / probe[key] if student.get(key) is not None and probe.get(key) else None for key in ("balanced_accuracy", "tail_recall")}

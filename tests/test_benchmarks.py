@@ -28,7 +28,7 @@ TIMEOUT_S = 240
 # script -> (top-level keys, dotted paths that must hold positive numbers)
 EXPECTED = {
     "step_cost": (
-        {"machine", "settings", "timings", "ratios", "fft", "reuse", "targets", "samples_ms", "images_per_second"},
+        {"machine", "settings", "timings", "ratios", "fft", "targets", "samples_ms", "images_per_second"},
         [
             "timings.lower_bound.median_ms",
             "timings.teacher_forward.median_ms",
@@ -37,15 +37,14 @@ EXPECTED = {
             "timings.ekd.median_ms",
             "timings.fopro.median_ms",
             "timings.fopro_every2.median_ms",
-            "timings.fopro_no_reuse.median_ms",
+            "timings.fopro_no_akd.median_ms",
             "timings.fpg_isolated.median_ms",
             "ratios.ekd_over_lower_bound",
             "ratios.fopro_over_ekd",
             "ratios.fopro_every2_over_ekd",
             "fft.fft_ms_per_step",
             "fft.share_of_fopro_step",
-            "reuse.mean_cosine",
-            "reuse.prompt_effect_one_minus_cosine",
+            "ratios.fopro_no_akd_over_ekd",
         ],
     ),
     "data_pipeline": (
@@ -177,7 +176,7 @@ def test_benchmark_step_is_the_training_loop_step(tmp_path):
     from benchmarks.common import train_step
     from fopro.config import DistillConfig
     from fopro.runtime import no_progress
-    from fopro.train import build_run, epoch_batches, epoch_order, lr_factor, make_loader, train_epoch
+    from fopro.train import adversary_ramp, build_run, epoch_batches, epoch_order, lr_factor, make_loader, train_epoch
 
     root = make_image_folder(tmp_path / "data", {"train": {"a": 7, "b": 5}}, size=32)
     teacher, _ = tiny_checkpoint(tmp_path / "teacher", ["x", "y"], arch="test_resnet", image_size=32)
@@ -194,9 +193,11 @@ def test_benchmark_step_is_the_training_loop_step(tmp_path):
     assert len(batches) == 3  # FPG steps at 0 and 2, a plain step at 1
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     mirror.method.train()
-    for step, (images, labels, _) in enumerate(make_loader(mirror, batches)):
-        lr = mirror.lr * lr_factor(step, config.epochs * len(batches), int(config.warmup_epochs * len(batches)))
-        train_step(mirror.method, mirror.optimizer, scaler, images, labels, step, seed=config.seed, epoch=0, lr=lr, grad_clip=config.grad_clip)
+    for step, (images, labels, _) in enumerate(make_loader(mirror, mirror.train_set, batches)):
+        warmup = int(config.warmup_epochs * len(batches))
+        factor = lr_factor(step, config.epochs * len(batches), warmup)
+        train_step(mirror.method, mirror.optimizer, scaler, images, labels, step, seed=config.seed, epoch=0, lr=mirror.lr,
+                   lr_factor=factor, adversary=adversary_ramp(step, warmup, len(batches)), grad_clip=config.grad_clip)
 
     for name, module in reference.method.trainable_state().items():
         other = mirror.method.trainable_state()[name].state_dict()

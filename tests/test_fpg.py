@@ -96,6 +96,7 @@ def test_init_from_band_gains(mode, log):
     fpg.init_from_band_gains(edges, gains)
     m = fpg.mask(_images()).detach()
     bands = band_masks(S, S, edges)
+    bands[:, 0, 0] = 0  # the DC term keeps gain 1 (tested below)
     for b, gain in enumerate(gains):
         sel = bands[b].bool()
         if sel.any():
@@ -106,6 +107,22 @@ def test_init_from_band_gains(mode, log):
     m = fpg.mask(_images()).detach()
     assert torch.allclose(m[..., bands[0].bool()], torch.tensor(1 + 0.95 * strength), atol=1e-4)
     assert torch.allclose(m[..., bands[1].bool()], torch.tensor(1 - 0.95 * strength), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", FPG_MODES)
+def test_dc_term_is_never_changed(mode):
+    """M is 1 at DC whatever the parameters, so the prompt keeps every image's mean brightness (before clamping)."""
+    fpg = FourierPromptGenerator(S, mode=mode, strength=0.9, hidden=8)
+    _randomize(fpg, seed=11)
+    x = _images(seed=12) * 0.5 + 0.25
+    m = fpg.mask(x).detach()
+    assert torch.all(m[..., 0, 0] == 1.0)
+    assert (m - 1).abs().amax() > 0.1  # the other frequencies do move
+    unclamped = np.fft.ifft2(m.numpy().astype(np.float64) * np.fft.fft2(x.numpy().astype(np.float64), axes=(-2, -1)), axes=(-2, -1)).real
+    np.testing.assert_allclose(unclamped.mean(axis=(-2, -1)), x.numpy().mean(axis=(-2, -1)), atol=1e-6)
+    if fpg.prompt is not None:
+        fpg.init_from_band_gains(band_edges(2), [1.4, 0.7])
+        assert torch.all(fpg.mask(x).detach()[..., 0, 0] == 1.0)
 
 
 def test_init_from_band_gains_needs_dataset_prompt():

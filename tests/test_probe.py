@@ -333,8 +333,9 @@ def test_probe_fpg_writes_mask_plot_and_json(tmp_path, synth, probed):
     data = json.loads((out / "fpg.json").read_text())
     assert data == json.loads(json.dumps(result))
     assert data["num_images"] == 10 and data["bands"] == [[0.0, 0.5], [0.5, 1.0]]  # the probe's bands
-    # a dataset prompt does not depend on the image: the profile is the band mean of 1 + s tanh(sym(prompt))
+    # a dataset prompt does not depend on the image: the profile is the band mean of 1 + s tanh(sym(prompt)), 1 at DC
     mask = (1 + 0.5 * torch.tanh(symmetrize(fpg.prompt.detach())))[0, 0].double()
+    mask[0, 0] = 1.0
     masks = band_masks(S, S, band_edges(2)).double()
     expected = ((masks * mask).sum(dim=(1, 2)) / masks.sum(dim=(1, 2))).tolist()
     assert [b["mean_gain"] for b in data["radial_profile"]] == pytest.approx(expected)

@@ -68,7 +68,8 @@ def test_balanced_sampler_with_balanced_softmax_warns(distill_data, distill_teac
 
 @pytest.mark.parametrize("method", ["ekd", "fopro"])
 def test_teacher_and_fpg_see_the_students_augmented_image(method, distill_data, distill_teacher, tmp_path):
-    """One train step: the student's input, the FPG's input and (for ekd) the teacher's input are the same augmented batch."""
+    """One train epoch: the teacher sees the student's input, which is the augmented batch (ekd) or the FPG's prompt
+    of the augmented batch (fopro)."""
     config = DistillConfig(data=str(distill_data), teacher=str(distill_teacher), student="test_resnet", image_size=32,
                            method=method, augment="dermoscopy", batch_size=8, epochs=1, device="cpu", workers=0)
     run = build_run(config, tmp_path / "run")
@@ -77,9 +78,17 @@ def test_teacher_and_fpg_see_the_students_augmented_image(method, distill_data, 
     run.method.student_preprocess = lambda x: (seen["student"].append(x.detach().clone()), student_preprocess(x))[1]
     teacher_forward = run.method.teacher.forward
     run.method.teacher.forward = lambda x: (seen["teacher"].append(x.detach().clone()), teacher_forward(x))[1]
+    prompted: list[torch.Tensor] = []
     if method == "fopro":
         fpg_forward = run.method.fpg.forward
-        run.method.fpg.forward = lambda x: (seen["fpg"].append(x.detach().clone()), fpg_forward(x))[1]
+
+        def watched_fpg(x):
+            seen["fpg"].append(x.detach().clone())
+            out = fpg_forward(x)
+            prompted.append(out[0].detach().clone())
+            return out
+
+        run.method.fpg.forward = watched_fpg
     with torch_threads(1):
         train_epoch(run, torch.amp.GradScaler("cuda", enabled=False), {"stop": False}, no_progress)
     batches = local_batches(run)  # epoch 0's image indices, batch by batch
@@ -87,9 +96,14 @@ def test_teacher_and_fpg_see_the_students_augmented_image(method, distill_data, 
     for images, indices in zip(seen["student"], batches):
         stored = torch.stack([run.train_set.raw(i).float() / 255 for i in indices])
         assert images.shape == stored.shape and not torch.equal(images, stored)  # augmented, not the stored images
-    watcher = "fpg" if method == "fopro" else "teacher"
-    assert len(seen[watcher]) == len(seen["student"])
-    assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen[watcher]))
+    # the teacher sees what the student sees: the augmented batch (ekd), or its prompted version (fopro)
+    assert len(seen["teacher"]) == len(seen["student"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen["teacher"]))
+    if method == "fopro":  # ... which the FPG made from the augmented batch
+        assert len(seen["fpg"]) == len(seen["student"])
+        for images, indices, fpg_input, fpg_output in zip(seen["student"], batches, seen["fpg"], prompted):
+            stored = torch.stack([run.train_set.raw(i).float() / 255 for i in indices])
+            assert not torch.equal(fpg_input, stored) and torch.equal(fpg_output, images)
 
 
 def test_help_lists_every_preset_and_knob():

@@ -177,6 +177,8 @@ def test_existing_dataset_needs_overwrite(tmp_path):
         ({"public_per_class": 0}, "--public-per-class"),
         ({"public_val_per_class": 0}, "--public-val-per-class"),
         ({"seed": -1}, "--seed"),
+        ({"unlabeled": -1}, "--unlabeled"),
+        ({"unlabeled": 2.5}, "--unlabeled"),
     ],
 )
 def test_bad_config_names_the_option(tmp_path, change, option):

@@ -73,6 +73,7 @@ def synth_cli(
     public_classes: Annotated[int, typer.Option(help="Classes of the public corpus (for pre-training a teacher).")] = 10,
     public_per_class: Annotated[int, typer.Option(help="Public training images per class.")] = 300,
     public_val_per_class: Annotated[int, typer.Option(help="Public validation images per class.")] = 30,
+    unlabeled: Annotated[int, typer.Option(help="Also write N unlabelled target images to OUT/target/unlabeled/ (one flat folder, no labels), drawn from the training class distribution; changes no other image.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a synthetic dataset already in OUT.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
@@ -88,6 +89,7 @@ def synth_cli(
         public_per_class=public_per_class,
         public_val_per_class=public_val_per_class,
         seed=seed,
+        unlabeled=unlabeled,
     )
     with progress_bar(not json_output) as progress:
         summary = generate_synth(out, config, progress=lambda done, total: progress("generating images", done, total), overwrite=overwrite)
@@ -97,3 +99,6 @@ def synth_cli(
     console.print(f"[green]wrote[/green] synthetic data (SYNTHETIC, not medical images) to [bold]{out}[/]")
     console.print(f"  target: {out / 'target'}  (fopro data info --data {out / 'target'})")
     console.print(f"  public: {out / 'public'}  (to pre-train a stand-in teacher)")
+    if unlabeled:
+        pool = out / "target" / summary["target"]["unlabeled"]["folder"]
+        console.print(f"  unlabeled: {pool}  ({unlabeled} images, no labels)")

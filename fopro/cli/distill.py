@@ -44,6 +44,9 @@ def distill_cli(
     image_size: Annotated[int, typer.Option(help="Student (and FPG) input size in pixels.", rich_help_panel=STUDENT)] = 64,
     method: Annotated[str, typer.Option(help="none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head) | fopro (EKD + FPG + AKD).", rich_help_panel=METHOD)] = "fopro",
     loss: Annotated[str, typer.Option(help="Supervised loss: balanced_softmax (logit-adjusted for the training class counts) | ce.", rich_help_panel=METHOD)] = "balanced_softmax",
+    unlabeled: Annotated[Optional[Path], typer.Option(help="Unlabelled images (a folder, searched recursively, or a CSV with an image column) that join the alignment and FPG terms only (kd, ekd, fopro).", rich_help_panel=METHOD)] = None,
+    unlabeled_batch: Annotated[Optional[int], typer.Option(help="Unlabelled images per step (default: --batch-size).", rich_help_panel=METHOD)] = None,
+    probe_kd: Annotated[float, typer.Option(help="Weight of KL(teacher probe || student): the class beliefs of a linear classifier fitted on the frozen teacher's embeddings of train, on every image (unlabelled ones too). 0 turns it off.", rich_help_panel=METHOD)] = 0.0,
     ekd_weight: Annotated[float, typer.Option(help="lambda: weight of the student-teacher alignment term.", rich_help_panel=METHOD)] = 3.0,
     adv_weight: Annotated[float, typer.Option(help="alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", rich_help_panel=FPG)] = 1.0,
     fpg_reg: Annotated[float, typer.Option(help="beta: penalty on (M - 1)^2 keeping the mask near 1.", rich_help_panel=FPG)] = 0.1,
@@ -52,7 +55,7 @@ def distill_cli(
     fpg_hidden: Annotated[int, typer.Option(help="Channels of the conditional generator.", rich_help_panel=FPG)] = 16,
     fpg_lr: Annotated[float, typer.Option(help="Learning rate of the FPG and the teacher head h_t.", rich_help_panel=FPG)] = 1e-3,
     fpg_every: Annotated[int, typer.Option(help="Run the FPG step every K steps.", rich_help_panel=FPG)] = 1,
-    reuse_teacher_forward: Annotated[bool, typer.Option(help="Use the FPG step's teacher embedding as the student's target (saves one teacher pass).", rich_help_panel=FPG)] = True,
+    prompt_fraction: Annotated[float, typer.Option(help="Share of each batch the FPG prompts; the student learns on the prompted images (the rest stay clean).", rich_help_panel=FPG)] = 1.0,
     probe_init: Annotated[Optional[Path], typer.Option(help="Start the dataset-level prompt from a probe.json (amplify the preferred bands).", rich_help_panel=FPG)] = None,
     epochs: Annotated[int, typer.Option(help="Training epochs (default 100; 6 on the synthetic demo).", rich_help_panel=OPTIM)] = 100,
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).", rich_help_panel=OPTIM)] = 32,
@@ -71,6 +74,7 @@ def distill_cli(
     seed: Annotated[int, typer.Option(help="Random seed (same seed on CPU: same weights, bit for bit).", rich_help_panel=OPTIM)] = 0,
     head_threshold: Annotated[int, typer.Option(help="Head classes have more training images than this.")] = 100,
     tail_threshold: Annotated[int, typer.Option(help="Tail (rare) classes have fewer training images than this.")] = 20,
+    teacher_probe: Annotated[bool, typer.Option(help="After training, fit a linear classifier on the frozen teacher's embeddings of the train split and report the student next to it (the reference for the transfer).")] = True,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<method>-<time>).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file with the same keys as these options; command-line options override it.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder with its saved options.")] = None,
@@ -103,6 +107,26 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
+def render_teacher_probe(summary: dict[str, Any]) -> None:
+    """The student next to the teacher probe: how much of what the teacher knows the student learned."""
+    probe = summary.get("teacher_probe")
+    if not probe:
+        return
+    split = "test" if "test" in probe["splits"] else "val"
+    theirs = probe["splits"].get(split, {})
+    student = summary.get("test") if split == "test" else summary.get("best_val")
+    line = (
+        f"teacher probe (linear classifier on the frozen teacher's embeddings of train, {probe['views']} view(s)): {split} balanced accuracy "
+        f"{fmt(theirs.get('balanced_accuracy'))}, tail recall {fmt(theirs.get('tail_recall'))}"
+    )
+    if student:
+        line += f"; the student: {fmt(student.get('balanced_accuracy'))}, {fmt(student.get('tail_recall'))}"
+    transfer = summary.get("transfer") or {}
+    if transfer.get("balanced_accuracy") is not None:
+        line += f" ({100 * transfer['balanced_accuracy']:.0f} % of the probe's balanced accuracy)"
+    console.print(escape(line), highlight=False)
+
+
 def render_summary(summary: dict[str, Any]) -> None:
     for note in summary.get("notes", []):
         if note.startswith("warning:"):
@@ -118,4 +142,5 @@ def render_summary(summary: dict[str, Any]) -> None:
     )
     if "test" in summary:
         render_eval(summary["test"], title="best checkpoint on the test split")
+    render_teacher_probe(summary)
     console.print(f"run folder: [bold]{summary['run_dir']}[/] (best.safetensors, last.safetensors, metrics.jsonl, config.json)")

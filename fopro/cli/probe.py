@@ -1,4 +1,5 @@
-"""`fopro probe`: a teacher's frequency preferences on your data (`--teacher`), or what a trained FPG learned (`--fpg`)."""
+"""`fopro probe`: a teacher's frequency preferences on your data and its linear probe (`--teacher`), or what a
+trained FPG learned (`--fpg`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from rich.table import Table
 
 from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options
 from fopro.data import DataOptions
+from fopro.data.augment import DEFAULT_PRESET, PRESET_HELP
 from fopro.errors import FoproError
 from fopro.models.teacher import TeacherOptions
-from fopro.probe import ProbeOptions, probe_fpg, run_probe
+from fopro.probe import ProbeOptions, linear_probe_line, probe_fpg, run_probe
+
+AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
 
 @cli_errors
@@ -35,13 +39,17 @@ def probe_cli(
     seed: Annotated[int, typer.Option(help="Seed of the image selection and of the cross-validation folds.")] = 0,
     head_threshold: Annotated[int, typer.Option(help="Classes with more training images than this are 'head'.")] = 100,
     tail_threshold: Annotated[int, typer.Option(help="Classes with fewer training images than this are 'tail' (rare).")] = 20,
+    linear: Annotated[bool, typer.Option("--linear/--no-linear", help="With --teacher: also train a linear classifier on the frozen teacher's embeddings of the train split and score it on --split (how much the teacher knows).")] = True,
+    linear_views: Annotated[int, typer.Option(help="Augmented passes over the train split that the linear probe is trained on (each a different draw).")] = 4,
+    augment: Annotated[str, typer.Option(help=f"Augmentation preset of the linear probe's train views, as in `fopro distill`. {AUGMENT_PRESETS}.")] = DEFAULT_PRESET,
     out: Annotated[Optional[Path], typer.Option(help="Write probe.json and probe.png here (with --fpg: fpg.json and fpg_mask.png; default RUN_DIR).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON on stdout, nothing else.")] = False,
 ) -> None:
-    """How scaling each frequency band of the images changes how well the frozen teacher separates the classes."""
+    """How scaling each frequency band of the images changes how well the frozen teacher separates the classes,
+    and how well a linear classifier on its embeddings (trained on the train split) scores: what the teacher knows."""
     options = ProbeOptions(split=split, bands=bands, log_bands=log_bands, gains=gains, per_class=per_class,
                            batch_size=batch_size, device=device, seed=seed, head_threshold=head_threshold,
-                           tail_threshold=tail_threshold)
+                           tail_threshold=tail_threshold, linear=linear, linear_views=linear_views, augment=augment)
     if (teacher is None) == (fpg is None):
         raise FoproError("give either --teacher T (probe a teacher) or --fpg RUN_DIR (show a learned prompt), not both or neither")
     if fpg is not None:
@@ -97,6 +105,8 @@ def render_probe(result: dict) -> None:
         f"k-NN [bold]{_percent(clean['knn_balanced_accuracy'])}[/]   tail [bold red]{_percent(clean['tail_balanced_accuracy'])}[/]"
         + (f" ({escape(', '.join(tail['classes']))})" if tail.get("classes") else "")
     )
+    if result.get("linear_probe"):
+        console.print(f"[bold]{escape(linear_probe_line(result['linear_probe']))}[/]", highlight=False)
     evaluation = result["evaluation"]
     console.print(f"[dim]{evaluation['folds']}-fold stratified cross-validation, k-NN k={evaluation['knn_k']}; "
                   "cells: change in balanced accuracy vs clean (points; coloured when beyond 2 standard errors), "

@@ -5,6 +5,7 @@ from fopro.data.images import ImageDataset, checked_dataset, load_image
 from fopro.data.longtail import longtail_counts, longtail_indices
 from fopro.data.manifest import Manifest
 from fopro.data.sources import ISIC2019_CLASSES, DataOptions, Splits, load_splits, subsample_longtail
+from fopro.data.unlabeled import read_unlabeled
 
 __all__ = [
     "AugmentConfig",
@@ -18,6 +19,7 @@ __all__ = [
     "load_splits",
     "longtail_counts",
     "longtail_indices",
+    "read_unlabeled",
     "resolve_augment",
     "subsample_longtail",
 ]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+UNLABELED = -1  # the label of an unlabelled image (--unlabeled): the supervised losses skip it
+
 
 @dataclass
 class Manifest:

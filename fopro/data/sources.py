@@ -208,17 +208,7 @@ def _read_csvs(
 def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str] | None) -> tuple[Rows, bool]:
     if not path.is_file():
         raise FoproError(f"{path} does not exist: check the --{_csv_split(path, options)}-csv path")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            records = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise FoproError(f"{path} is not a readable CSV file ({err}): save it as UTF-8 CSV with a header") from err
-    if not header:
-        raise FoproError(f"{path} is empty: it needs a header line and one row per image")
-    if not records:
-        raise FoproError(f"{path} has a header but no rows: add one row per image")
+    header, records = read_csv_records(path)
     isic = all(c in header for c in ISIC2019_COLUMNS) and options.label_column is None
     if isic:
         rows = _isic_rows(path, records, images)
@@ -228,6 +218,26 @@ def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str]
         rows = [(_resolve_image(images, r[image_col]), _label_name(r[label_col], classes)) for r in records]
     _check_rows(path, rows)
     return rows, isic
+
+
+def read_csv_records(path: Path, name: str | None = None) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows (cells stripped) of a UTF-8 CSV file with a header line and at least one row.
+
+    `name` is how the errors call the file (default: its path).
+    """
+    name = str(path) if name is None else name
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            records = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise FoproError(f"{name} is not a readable CSV file ({err}): save it as UTF-8 CSV with a header") from err
+    if not header:
+        raise FoproError(f"{name} is empty: it needs a header line and one row per image")
+    if not records:
+        raise FoproError(f"{name} has a header but no rows: add one row per image")
+    return header, records
 
 
 def _csv_split(path: Path, options: DataOptions) -> str:

@@ -5,6 +5,9 @@ Two corpora are written as ImageFolder trees under one output folder:
 * ``target/{train,val,test}/<class>/<NNNNN>.png`` — the long-tailed task (train follows
   ``longtail_counts``; val and test are balanced). Class folders are prefixed ``c0_``, ``c1_``...
   (zero-padded) so that their sorted order is the class order, class 0 being the most frequent.
+* ``target/unlabeled/u<NNNNN>.png`` — only with ``unlabeled=N`` (``--unlabeled N``): a flat, label-free pool of
+  N more target images drawn from the training split's class distribution, in shuffled order (the names
+  say nothing of the class; the true per-class counts are only in synth.json, for analysis).
 * ``public/{train,val}/<class>/<NNNNN>.png`` — a balanced "public" corpus with its OWN classes
   (prefix ``p0_``...), made of other combinations of the same low-level structure, for the teacher.
 * ``synth.json`` — the config, the class names, counts per split, each class's design and the
@@ -15,7 +18,8 @@ whose shape (round / oval / irregular lobed boundary), colour family and interna
 texture (coarse blobs = low spatial frequency, medium, fine speckle or stripes between half-Nyquist
 and Nyquist) depend on the class, with per-image randomness and some atypical images (shape or
 colour of another family) so the task is not trivially separable. Each image has its own generator,
-``np.random.default_rng([seed, split_id, class, index])``: the same seed gives byte-identical PNGs.
+``np.random.default_rng([seed, split_id, class, index])``: the same seed gives byte-identical PNGs, and
+the unlabelled pool has its own split id, so adding it changes no other image.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ MAX_IMAGE_SIZE = 512
 # (corpus, split) -> split id mixed into each image's seed.
 SPLIT_IDS = {("target", "train"): 0, ("target", "val"): 1, ("target", "test"): 2,
              ("public", "train"): 3, ("public", "val"): 4}
+UNLABELED_FOLDER = "unlabeled"  # target/unlabeled/: the label-free pool
+UNLABELED_SPLIT_ID = 5  # its own random streams: new images, and no other image changes with it
 ATYPICAL_SHAPE_P = 0.15  # an image of the class takes the shape of another family
 ATYPICAL_COLOUR_P = 0.12  # ... or the colour of another family
 
@@ -267,6 +273,7 @@ class SynthConfig:
     public_per_class: int = 300
     public_val_per_class: int = 30
     seed: int = 0
+    unlabeled: int = 0  # size of the label-free pool target/unlabeled/ (0: none)
 
 
 def _check_int(value: object, option: str, minimum: int, maximum: int | None = None) -> None:
@@ -293,6 +300,33 @@ def check_config(config: SynthConfig) -> None:
     _check_int(config.public_per_class, "--public-per-class", 1)
     _check_int(config.public_val_per_class, "--public-val-per-class", 1)
     _check_int(config.seed, "--seed", 0)
+    _check_int(config.unlabeled, "--unlabeled", 0)
+
+
+def proportional_counts(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`: round(total * w_i / sum w), fixed to sum exactly to `total`.
+
+    Largest remainder: every class gets the floor of its share, and the classes with the largest
+    fractional parts (ties: the lower class index) one more each.
+    """
+    weight_sum = sum(weights)
+    counts = [total * w // weight_sum for w in weights]
+    remainders = [total * w % weight_sum for w in weights]
+    order = sorted(range(len(weights)), key=lambda i: (-remainders[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def unlabeled_items(config: SynthConfig, classes: int, counts: list[int]) -> list[tuple[int, int, int]]:
+    """(file number, class, index within the class) of each pool image; the file numbers are shuffled."""
+    items = [(cls, idx) for cls in range(classes) for idx in range(counts[cls])]
+    order = np.random.default_rng([config.seed, UNLABELED_SPLIT_ID]).permutation(len(items))
+    return [(int(number), cls, idx) for number, (cls, idx) in zip(order, items)]
+
+
+def unlabeled_name(number: int, size: int) -> str:
+    return f"u{number:0{max(5, len(str(max(size - 1, 0))))}d}.png"
 
 
 def plan(config: SynthConfig) -> dict:
@@ -313,11 +347,14 @@ def plan(config: SynthConfig) -> dict:
         "val": {n: config.public_val_per_class for n in pub_names},
     }
     total = sum(sum(c.values()) for c in target_counts.values()) + sum(sum(c.values()) for c in public_counts.values())
-    return {
+    settings = asdict(config)
+    if not config.unlabeled:
+        del settings["unlabeled"]  # a dataset without the pool keeps the synth.json of earlier versions
+    summary = {
         "format": FORMAT,
         "description": "Synthetic lesion-like images (fopro default dataset): long-tailed target task and a "
                        "balanced public corpus with its own classes; class = shape x colour x texture frequency.",
-        "config": asdict(config),
+        "config": settings,
         "image_size": config.image_size,
         "frequency_pairs": [[names[rare], names[head]] for rare, head in pairs],
         "target": {
@@ -332,6 +369,17 @@ def plan(config: SynthConfig) -> dict:
         },
         "total_images": total,
     }
+    if config.unlabeled:
+        pool = proportional_counts(config.unlabeled, train)
+        summary["target"]["unlabeled"] = {
+            "folder": UNLABELED_FOLDER,
+            "size": config.unlabeled,
+            "counts": dict(zip(names, pool)),
+            "note": "unlabelled pool drawn from the train split's class distribution; these true per-class "
+                    "counts are for analysis only: no per-image label is written anywhere",
+        }
+        summary["total_images"] = total + config.unlabeled
+    return summary
 
 
 def is_synth_dataset(out: Path) -> bool:
@@ -380,6 +428,18 @@ def generate_synth(out: Path, config: SynthConfig | None = None,
                         done += 1
                         if progress is not None:
                             progress(done, total)
+        if config.unlabeled:
+            pool = summary["target"]["unlabeled"]
+            folder = work / "target" / UNLABELED_FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            counts = [pool["counts"][name] for name in summary["target"]["classes"]]
+            for number, cls, idx in unlabeled_items(config, len(designs), counts):
+                rng = np.random.default_rng([config.seed, UNLABELED_SPLIT_ID, cls, idx])
+                pixels = render_image(designs[cls], config.image_size, rng)
+                Image.fromarray(pixels, "RGB").save(folder / unlabeled_name(number, config.unlabeled), format="PNG")
+                done += 1
+                if progress is not None:
+                    progress(done, total)
         if overwrite:
             for old in ("target", "public", SUMMARY_FILE):
                 path = out / old

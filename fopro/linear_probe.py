@@ -1,0 +1,321 @@
+"""The teacher probe: a linear classifier on the FROZEN teacher's embeddings, "how much the teacher knows".
+
+The contract
+    * :func:`embed` runs the teacher (eval mode, ``torch.no_grad()``) over a dataset of raw [0, 1] images
+      (items ``(image, label, index)``, as :class:`fopro.data.ImageDataset` gives them) and returns the
+      embeddings (N, D) as float32 on the CPU, in the dataset's order.
+    * :func:`fit_linear_probe` trains a :class:`LinearProbe` on (V*N, D) train embeddings: the features are
+      standardised with the train mean and standard deviation (buffers), then one ``nn.Linear``. The loss is
+      balanced softmax (:func:`fopro.losses.balanced_softmax` with the log prior of ``train_counts``, the
+      same long-tail correction the students get), Adam on shuffled minibatches for ``epochs`` (more on a
+      small train split, so that it takes at least ``min_steps`` steps), on the CPU. It is
+      deterministic: one ``torch.Generator`` seeded by ``options.seed`` draws the initial weights and every
+      shuffle, and the global random state is left alone.
+    * :meth:`LinearProbe.predict_proba` is the plain softmax of the logits: balanced softmax trains logits
+      that are already balanced at test time, so no prior is subtracted.
+    * :func:`teacher_probe` embeds ``options.views`` passes over the train split (view v is epoch v of an
+      augmented :class:`~fopro.data.ImageDataset`, so each view is a different, deterministic augmentation;
+      one view of an un-augmented set is allowed), fits the probe and scores it on each evaluation split with
+      :func:`fopro.metrics.compute_metrics`, exactly the report a student gets (balanced accuracy, tail
+      recall, head / medium / tail groups, per-class recall...).
+
+Bad options raise :class:`fopro.errors.FoproError` with one line naming the option. Nothing is printed;
+long work is reported through ``progress(description, done, total)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fopro.data.augment import AugmentConfig
+from fopro.data.images import ImageDataset
+from fopro.errors import FoproError
+from fopro.losses import balanced_softmax, class_log_prior
+from fopro.metrics import compute_metrics
+from fopro.runtime import ProgressFn, no_progress, resolve_device
+
+__all__ = ["LinearProbeOptions", "LinearProbe", "check_linear_options", "epochs_for", "embed", "fit_linear_probe",
+           "teacher_probe"]
+
+#: Features whose train standard deviation is below this are only centred (not divided by ~0).
+MIN_STD = 1e-6
+
+
+@dataclass
+class LinearProbeOptions:
+    """How the linear probe is trained; checked on creation (FoproError naming the option)."""
+
+    views: int = 4
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    #: at least this many Adam steps: a small train split gets more epochs than ``epochs`` (see epochs_for)
+    min_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        check_linear_options(self)
+
+
+def _whole(value: Any, option: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise FoproError(f"{option} must be a whole number >= {minimum} (got {value!r})")
+
+
+def _real(value: Any, option: str, positive: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise FoproError(f"{option} must be a finite number {'> 0' if positive else '>= 0'} (got {value!r})")
+
+
+def check_linear_options(options: LinearProbeOptions) -> LinearProbeOptions:
+    """``options`` if every value is valid; FoproError naming the first bad one otherwise."""
+    _whole(options.views, "--linear-views", 1)
+    _whole(options.epochs, "LinearProbeOptions.epochs", 1)
+    _whole(options.batch_size, "LinearProbeOptions.batch_size", 1)
+    _real(options.lr, "LinearProbeOptions.lr", positive=True)
+    _real(options.weight_decay, "LinearProbeOptions.weight_decay", positive=False)
+    _whole(options.seed, "--seed", 0)
+    _whole(options.min_steps, "LinearProbeOptions.min_steps", 0)
+    return options
+
+
+def epochs_for(rows: int, options: LinearProbeOptions) -> int:
+    """``options.epochs``, or more so that training takes at least ``options.min_steps`` minibatch steps.
+
+    With the defaults a train split of 4 views x 5,000 images takes 100 epochs of 79 steps; 4 x 40 images
+    (one step per epoch) would stop after 100 steps, far from converged, and under-report the teacher.
+    """
+    batches = math.ceil(rows / options.batch_size)
+    return max(options.epochs, math.ceil(options.min_steps / batches))
+
+
+# ---------------------------------------------------------------------------------------------- the classifier
+
+
+class LinearProbe(nn.Module):
+    """Standardise with the train mean / std (buffers), then one linear layer; forward(embeddings) -> logits."""
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(embed_dim))
+        self.register_buffer("std", torch.ones(embed_dim))
+        # skip_init: no draw from the global random state; fit_linear_probe initialises from its own generator
+        self.linear = nn.utils.skip_init(nn.Linear, embed_dim, num_classes)
+        self.epochs = 0  # epochs it was trained for (set by fit_linear_probe)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.linear.in_features)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.linear.out_features)
+
+    def standardise(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings - self.mean) / self.std
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.standardise(embeddings))
+
+    @torch.no_grad()
+    def predict_proba(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Softmax probabilities (N, C) as float64 numpy (rows sum to 1)."""
+        x = torch.as_tensor(np.asarray(embeddings) if not torch.is_tensor(embeddings) else embeddings)
+        if x.ndim != 2 or x.shape[1] != self.embed_dim:
+            raise FoproError(f"the linear probe takes (N, {self.embed_dim}) embeddings, got shape {tuple(x.shape)}: "
+                             "embed with the teacher it was trained on")
+        logits = self.forward(x.to(device=self.mean.device, dtype=torch.float32))
+        return torch.softmax(logits.double(), dim=1).cpu().numpy()
+
+
+def _check_training_data(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise FoproError(f"the linear probe needs (N, D) train embeddings with N, D >= 1, got shape {tuple(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise FoproError(f"{len(x)} train embeddings but labels of shape {tuple(y.shape)}: give one label per row")
+    if not bool(torch.isfinite(x).all()):
+        raise FoproError("the train embeddings contain NaN or infinity: the teacher's output is broken")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise FoproError(f"a train label is outside 0..{num_classes - 1}: train_counts gives {num_classes} classes")
+
+
+def fit_linear_probe(
+    train_embeddings: torch.Tensor | np.ndarray,
+    labels: Any,
+    train_counts: list[int],
+    options: LinearProbeOptions = LinearProbeOptions(),
+    progress: ProgressFn = no_progress,
+) -> LinearProbe:
+    """A :class:`LinearProbe` trained with balanced softmax on (V*N, D) embeddings; in eval mode, on the CPU.
+
+    ``train_counts`` (one per class, the training images of each class) gives the number of classes and the
+    log prior of balanced softmax; with equal counts the loss is plain cross-entropy.
+    """
+    check_linear_options(options)
+    x = torch.as_tensor(np.asarray(train_embeddings) if not torch.is_tensor(train_embeddings) else train_embeddings)
+    x = x.detach().to(device="cpu", dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    log_prior = class_log_prior(list(train_counts))
+    _check_training_data(x, y, len(log_prior))
+
+    epochs = epochs_for(len(x), options)
+    probe = LinearProbe(x.shape[1], len(log_prior))
+    mean, std = x.double().mean(dim=0), x.double().std(dim=0, unbiased=False)
+    probe.mean.copy_(mean.float())
+    probe.std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std).float())
+    features = probe.standardise(x)
+
+    generator = torch.Generator().manual_seed(int(options.seed))
+    bound = 1.0 / math.sqrt(x.shape[1])
+    with torch.no_grad():
+        probe.linear.weight.uniform_(-bound, bound, generator=generator)
+    optimizer = torch.optim.Adam([
+        {"params": [probe.linear.weight], "weight_decay": float(options.weight_decay)},
+        {"params": [probe.linear.bias], "weight_decay": 0.0},
+    ], lr=float(options.lr))
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), options.batch_size):
+                batch = order[start : start + options.batch_size]
+                loss = balanced_softmax(probe.linear(features[batch]), y[batch], log_prior)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            progress("linear probe: training", epoch + 1, epochs)
+    probe.epochs = epochs
+    return probe.requires_grad_(False).eval()
+
+
+# ---------------------------------------------------------------------------------------------- the teacher
+
+
+@torch.no_grad()
+def embed(
+    teacher: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    progress: ProgressFn = no_progress,
+) -> torch.Tensor:
+    """The teacher's embeddings (N, D) float32 on the CPU of a dataset of raw [0, 1] images, in its order.
+
+    The teacher must be on ``device``; it runs in eval mode (its mode is restored afterwards).
+    """
+    _whole(batch_size, "--batch-size", 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    was_training = teacher.training
+    teacher.eval()
+    outputs: list[torch.Tensor] = []
+    done = 0
+    try:
+        for images, _, _ in loader:
+            x = images.to(device=device, dtype=torch.float32)
+            outputs.append(teacher(x).float().reshape(len(x), -1).cpu())
+            done += len(x)
+            progress("teacher embeddings", done, len(dataset))
+    finally:
+        teacher.train(was_training)
+    if not outputs:
+        raise FoproError("no image to embed: the dataset is empty (check the data options)")
+    return torch.cat(outputs)
+
+
+def _augmented(dataset: ImageDataset) -> bool:
+    return bool(dataset.train) and dataset.augment_config != AugmentConfig()
+
+
+def fit_teacher_probe(
+    teacher: nn.Module,
+    train_set: ImageDataset,
+    train_counts: list[int],
+    options: LinearProbeOptions = LinearProbeOptions(),
+    device: torch.device | str = "auto",
+    progress: ProgressFn = no_progress,
+    embed_batch_size: int = 64,
+) -> LinearProbe:
+    """A :class:`LinearProbe` fitted on ``options.views`` augmented passes over ``train_set`` (see the contract).
+
+    The teacher is moved to ``device``; the probe stays on the CPU (move it where it is used).
+    """
+    check_linear_options(options)
+    if len(train_set) == 0:
+        raise FoproError("the train split is empty: the linear probe has nothing to learn from")
+    if options.views > 1 and not _augmented(train_set):
+        raise FoproError(f"--linear-views {options.views}: the train set is not augmented, so every view would be "
+                         "the same images: use --linear-views 1 or an augmentation preset")
+    device = resolve_device(device) if isinstance(device, str) else device
+    teacher = teacher.to(device)
+    previous_epoch = train_set.epoch
+    views = []
+    try:
+        for view in range(options.views):
+            train_set.set_epoch(view)
+            report = lambda _d, done, _t, v=view: progress("linear probe: teacher embeddings", v * len(train_set) + done, options.views * len(train_set))  # noqa: E731
+            views.append(embed(teacher, train_set, embed_batch_size, device, report))
+    finally:
+        train_set.set_epoch(previous_epoch)
+    labels = np.tile(np.asarray(train_set.manifest.labels, dtype=np.int64), options.views)
+    return fit_linear_probe(torch.cat(views), labels, train_counts, options, progress)
+
+
+def score_probe(
+    probe: LinearProbe,
+    teacher: nn.Module,
+    eval_sets: dict[str, ImageDataset],
+    classes: list[str],
+    train_counts: list[int],
+    head_threshold: int = 100,
+    tail_threshold: int = 20,
+    device: torch.device | str = "auto",
+    progress: ProgressFn = no_progress,
+    embed_batch_size: int = 64,
+) -> dict[str, dict]:
+    """{split: compute_metrics report} of a fitted probe on each evaluation set (the report a student gets)."""
+    if len(train_counts) != len(classes):
+        raise FoproError(f"{len(train_counts)} training counts for {len(classes)} classes: give one count per class")
+    device = resolve_device(device) if isinstance(device, str) else device
+    teacher = teacher.to(device)
+    splits = {}
+    for split, dataset in eval_sets.items():
+        report = lambda _d, done, total, s=split: progress(f"linear probe: {s} embeddings", done, total)  # noqa: E731
+        probs = probe.predict_proba(embed(teacher, dataset, embed_batch_size, device, report))
+        splits[split] = compute_metrics(np.asarray(dataset.manifest.labels), probs, classes, train_counts, head_threshold, tail_threshold)
+    return splits
+
+
+def teacher_probe(
+    teacher: nn.Module,
+    train_set: ImageDataset,
+    eval_sets: dict[str, ImageDataset],
+    classes: list[str],
+    train_counts: list[int],
+    head_threshold: int = 100,
+    tail_threshold: int = 20,
+    options: LinearProbeOptions = LinearProbeOptions(),
+    device: torch.device | str = "auto",
+    progress: ProgressFn = no_progress,
+    embed_batch_size: int = 64,
+) -> dict:
+    """Fit a linear probe on ``options.views`` augmented passes over ``train_set``; score it on ``eval_sets``.
+
+    Returns ``{"options", "train_images", "views", "embed_dim", "epochs" (trained for, see :func:`epochs_for`),
+    "splits": {split: compute_metrics report}}``.
+    """
+    if len(train_counts) != len(classes):
+        raise FoproError(f"{len(train_counts)} training counts for {len(classes)} classes: give one count per class")
+    probe = fit_teacher_probe(teacher, train_set, train_counts, options, device, progress, embed_batch_size)
+    splits = score_probe(probe, teacher, eval_sets, classes, train_counts, head_threshold, tail_threshold, device, progress, embed_batch_size)
+    return {"options": asdict(options), "train_images": len(train_set), "views": options.views,
+            "embed_dim": probe.embed_dim, "epochs": probe.epochs, "splits": splits}
