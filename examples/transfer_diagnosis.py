@@ -155,19 +155,19 @@ def render(results: list[dict[str, Any]], command: str) -> str:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         best = next(row for row in r["logit_adjustment"] if row["tau"] == r["best_tau"])
-        lines.append(f"| {Path(r['run']).name} | {r['method']} | {pct(r['balanced_accuracy'])} | {pct(r['tail_recall'])} | {r['best_tau']:g} | "
+        lines.append(f"| {r['run']} | {r['method']} | {pct(r['balanced_accuracy'])} | {pct(r['tail_recall'])} | {r['best_tau']:g} | "
                      f"{pct(best['balanced_accuracy'])} | {100 * r['best_tau_gain']:+.1f} |")
     lines += ["", "## Where the tail classes' images go (share of the tail images)", "",
               "| run | correct | as head | as medium | as another tail class |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
         e = r["tail_errors"]
-        lines.append(f"| {Path(r['run']).name} | {pct(e['correct'])} | {pct(e['head'])} | {pct(e['medium'])} | {pct(e['other tail'])} |")
+        lines.append(f"| {r['run']} | {pct(e['correct'])} | {pct(e['head'])} | {pct(e['medium'])} | {pct(e['other tail'])} |")
     lines += ["", f"## Gradient norms at the student's last block (mean over {GRADIENT_BATCHES} train batches, last-epoch weights)", ""]
     for r in results:
         g = r["gradients"]
         if g:
             terms = ", ".join(f"{term} {value:.3g}" for term, value in g["norms"].items())
-            lines.append(f"- {Path(r['run']).name} (block `{g['block']}`, epoch {g['epoch']}): {terms}")
+            lines.append(f"- {r['run']} (block `{g['block']}`, epoch {g['epoch']}): {terms}")
     return "\n".join(lines) + "\n"
 
 

@@ -177,4 +177,4 @@ def test_transfer_diagnosis_reports_the_runs_own_val_numbers(tmp_path, distill_v
     for row in diagnosis.logit_adjustment(np.log(probs), labels, log_prior, tail=[2]):
         predictions = np.argmax(np.log(probs) - row["tau"] * log_prior, axis=1)
         assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions))
-    assert "| none |" in (out / "diagnosis.md").read_text()
+    assert f"| {runs['none']} | none |" in (out / "diagnosis.md").read_text()
