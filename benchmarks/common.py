@@ -35,7 +35,8 @@ from fopro.losses import SupervisedLoss  # noqa: E402
 from fopro.methods import Method, MethodConfig, build_method  # noqa: E402
 from fopro.models import StudentOptions, Teacher, create_student  # noqa: E402
 from fopro.preprocess import Preprocess  # noqa: E402
-from fopro.train import set_step_schedule, optimisation_step, step_seed  # noqa: E402
+from fopro.schedule import set_step_schedule, step_seed  # noqa: E402
+from fopro.train import optimisation_step  # noqa: E402
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)

@@ -37,7 +37,8 @@ from benchmarks.common import (  # noqa: E402
 import torch  # noqa: E402
 
 from fopro.data import DataOptions, ImageDataset, load_splits  # noqa: E402
-from fopro.train import epoch_batches, epoch_order, make_loader  # noqa: E402
+from fopro.schedule import epoch_batches, epoch_order  # noqa: E402
+from fopro.train import make_loader  # noqa: E402
 
 TARGET_LOADER_OVER_STEP = 1.0
 

@@ -17,7 +17,12 @@ The contract
       augmented :class:`~fopro.data.ImageDataset`, so each view is a different, deterministic augmentation;
       one view of an un-augmented set is allowed), fits the probe and scores it on each evaluation split with
       :func:`fopro.metrics.compute_metrics`, exactly the report a student gets (balanced accuracy, tail
-      recall, head / medium / tail groups, per-class recall...).
+      recall, head / medium / tail groups, per-class recall...); it is :func:`fit_teacher_probe` followed by
+      :func:`score_probe`, which a distillation run calls apart (it fits the probe before training, for
+      ``--probe-kd``, and scores it at the end).
+    * A run's reference: :func:`run_options` (4 augmented views, 1 without augmentation),
+      :func:`summarise_scores` (the numbers a run summary keeps) and :func:`transfer_ratios` (the student's
+      numbers as fractions of the probe's).
 
 Bad options raise :class:`fopro.errors.FoproError` with one line naming the option. Nothing is printed;
 long work is reported through ``progress(description, done, total)``.
@@ -33,7 +38,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fopro.data.augment import AugmentConfig
 from fopro.data.images import ImageDataset
 from fopro.errors import FoproError
 from fopro.losses import balanced_softmax, class_log_prior
@@ -41,7 +45,7 @@ from fopro.metrics import compute_metrics
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 __all__ = ["LinearProbeOptions", "LinearProbe", "check_linear_options", "epochs_for", "embed", "fit_linear_probe",
-           "teacher_probe"]
+           "fit_teacher_probe", "score_probe", "teacher_probe", "run_options", "summarise_scores", "transfer_ratios"]
 
 #: Features whose train standard deviation is below this are only centred (not divided by ~0).
 MIN_STD = 1e-6
@@ -233,7 +237,7 @@ def embed(
 
 
 def _augmented(dataset: ImageDataset) -> bool:
-    return bool(dataset.train) and dataset.augment_config != AugmentConfig()
+    return bool(dataset.train) and not dataset.augment_config.is_identity
 
 
 def fit_teacher_probe(
@@ -270,6 +274,11 @@ def fit_teacher_probe(
     return fit_linear_probe(torch.cat(views), labels, train_counts, options, progress)
 
 
+def _check_counts(classes: list[str], train_counts: list[int]) -> None:
+    if len(train_counts) != len(classes):
+        raise FoproError(f"{len(train_counts)} training counts for {len(classes)} classes: give one count per class")
+
+
 def score_probe(
     probe: LinearProbe,
     teacher: nn.Module,
@@ -283,8 +292,7 @@ def score_probe(
     embed_batch_size: int = 64,
 ) -> dict[str, dict]:
     """{split: compute_metrics report} of a fitted probe on each evaluation set (the report a student gets)."""
-    if len(train_counts) != len(classes):
-        raise FoproError(f"{len(train_counts)} training counts for {len(classes)} classes: give one count per class")
+    _check_counts(classes, train_counts)
     device = resolve_device(device) if isinstance(device, str) else device
     teacher = teacher.to(device)
     splits = {}
@@ -313,9 +321,31 @@ def teacher_probe(
     Returns ``{"options", "train_images", "views", "embed_dim", "epochs" (trained for, see :func:`epochs_for`),
     "splits": {split: compute_metrics report}}``.
     """
-    if len(train_counts) != len(classes):
-        raise FoproError(f"{len(train_counts)} training counts for {len(classes)} classes: give one count per class")
+    _check_counts(classes, train_counts)
     probe = fit_teacher_probe(teacher, train_set, train_counts, options, device, progress, embed_batch_size)
     splits = score_probe(probe, teacher, eval_sets, classes, train_counts, head_threshold, tail_threshold, device, progress, embed_batch_size)
     return {"options": asdict(options), "train_images": len(train_set), "views": options.views,
             "embed_dim": probe.embed_dim, "epochs": probe.epochs, "splits": splits}
+
+
+# ---------------------------------------------------------------------------------------------- a run's reference
+
+SUMMARY_KEYS = ("balanced_accuracy", "tail_recall", "macro_f1")
+
+
+def run_options(train_set: ImageDataset, seed: int) -> LinearProbeOptions:
+    """The probe a distillation run fits: 4 augmented views of its train split (1 when it is not augmented)."""
+    return LinearProbeOptions(views=4 if _augmented(train_set) else 1, seed=seed)
+
+
+def summarise_scores(scores: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    """{split: balanced accuracy, tail recall, macro-F1, head recall} of :func:`score_probe`'s reports."""
+    return {
+        split: {**{key: report[key] for key in SUMMARY_KEYS}, "head_recall": ((report.get("groups") or {}).get("head") or {}).get("mean_recall")}
+        for split, report in scores.items()
+    }
+
+
+def transfer_ratios(student: dict[str, Any], probe: dict[str, Any]) -> dict[str, float | None]:
+    """A student's numbers as fractions of the teacher probe's on the same split (1.0: all that the probe knows)."""
+    return {key: student[key] / probe[key] if student.get(key) is not None and probe.get(key) else None for key in ("balanced_accuracy", "tail_recall")}

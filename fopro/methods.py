@@ -198,7 +198,6 @@ class FoProKD(EffectiveKD):
         self.fpg = fpg
         self.teacher_head = nn.Linear(teacher.embed_dim, len(sup_loss.log_prior))
         self.fpg_optimizer = torch.optim.Adam(list(fpg.parameters()) + list(self.teacher_head.parameters()), lr=config.fpg_lr)
-        self.lr_factor = 1.0
         self.adversary_factor = 1.0
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -208,7 +207,9 @@ class FoProKD(EffectiveKD):
         return {**super().trainable_state(), "fpg": self.fpg, "teacher_head": self.teacher_head}
 
     def set_schedule(self, lr_factor: float, adversary_factor: float) -> None:
-        self.lr_factor, self.adversary_factor = lr_factor, adversary_factor
+        for group in self.fpg_optimizer.param_groups:
+            group["lr"] = self.config.fpg_lr * lr_factor
+        self.adversary_factor = adversary_factor
 
     def prompt_selection(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Which images the FPG prompts: all (None), or the first ceil(fraction * n) of the labelled images and
@@ -277,8 +278,6 @@ class FoProKD(EffectiveKD):
         if all(torch.isfinite(p.grad).all() for p in fpg_parameters + head_parameters if p.grad is not None):
             nn.utils.clip_grad_norm_(fpg_parameters, FPG_GRAD_CLIP)
             nn.utils.clip_grad_norm_(head_parameters, FPG_GRAD_CLIP)
-            for group in self.fpg_optimizer.param_groups:
-                group["lr"] = self.config.fpg_lr * self.lr_factor
             self.fpg_optimizer.step()
         return parts
 

@@ -678,7 +678,7 @@ def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOpt
     notes: list[str] = []
     linear = linear_options(options)
     augmentation = resolve_augment(options.augment)
-    if linear.views > 1 and augmentation == AugmentConfig():
+    if linear.views > 1 and augmentation.is_identity:
         linear = replace(linear, views=1)
         notes.append(f"--augment {options.augment} draws nothing, so the linear probe's {options.linear_views} "
                      "train views would be identical: it uses 1 view")

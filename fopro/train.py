@@ -30,13 +30,15 @@ from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
 from fopro.fpg import FourierPromptGenerator
 from fopro.io import atomic_path, write_text
-from fopro.linear_probe import LinearProbeOptions, fit_teacher_probe, score_probe
+from fopro import linear_probe
+from fopro.linear_probe import fit_teacher_probe, score_probe
 from fopro.losses import SupervisedLoss
 from fopro.methods import Method, build_method
 from fopro.metrics import compute_metrics
 from fopro.models import Teacher, create_student, load_teacher
 from fopro.preprocess import Preprocess
 from fopro.runtime import ProgressFn, no_progress, resolve_device
+from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor, set_step_schedule, step_seed, unlabeled_batches
 from fopro.state import load_state, save_state
 
 RUN_MARKERS = ("config.json", "last.safetensors", "resume.safetensors")
@@ -66,7 +68,7 @@ class Run:
     student_preprocess: Preprocess
     optimizer: torch.optim.Optimizer
     teacher: Teacher | None
-    teacher_probe: nn.Module | None  # the linear probe on the frozen teacher (fopro.linear_probe), when fitted
+    teacher_probe: nn.Module | None  # the linear probe on the frozen teacher (fopro.linear_probe), fitted for --probe-kd
     lr: float
     env: DistEnv = SINGLE
     notes: list[str] = field(default_factory=list)
@@ -75,49 +77,6 @@ class Run:
     best_score: float = -math.inf
     epoch: int = 0
     step: int = 0
-
-
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return (seed * 7_919_993 + epoch * 100_003 + step) % (2**63 - 1)
-
-
-def epoch_order(labels: list[int], epoch: int, seed: int, balanced: bool) -> np.ndarray:
-    """The image order of one epoch: a permutation, or class-balanced draws with replacement."""
-    rng = np.random.default_rng([seed, epoch, 17])
-    labels_array = np.asarray(labels)
-    if not balanced:
-        return rng.permutation(len(labels_array))
-    counts = np.bincount(labels_array)
-    weights = 1.0 / counts[labels_array]
-    return rng.choice(len(labels_array), size=len(labels_array), replace=True, p=weights / weights.sum())
-
-
-def epoch_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
-    """Full batches only when there is more than one (BatchNorm needs > 1 sample per batch)."""
-    count = max(1, len(order) // batch_size)
-    return [order[i * batch_size : (i + 1) * batch_size].tolist() for i in range(count)]
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine") -> float:
-    """Linear warm-up, then cosine decay to zero (or a constant rate)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def set_step_schedule(method: Method, optimizer: torch.optim.Optimizer, lr: float, factor: float, adversary: float) -> None:
-    """The student's rate (peak lr x schedule factor) and the method's own schedule (FPG rate, adversary ramp)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * factor
-    method.set_schedule(factor, adversary)
-
-
-def adversary_ramp(step: int, warmup_steps: int, steps_per_epoch: int) -> float:
-    """The adversary's weight factor: 0 -> 1 over the warm-up (at least one epoch), so h_t learns first."""
-    return min(1.0, step / max(1, warmup_steps, steps_per_epoch))
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -162,10 +121,10 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         notes.extend(teacher_notes)
     fpg = build_fpg(config) if config.method == "fopro" else None
     probe = None
-    if teacher is not None and (config.probe_kd > 0 or (config.teacher_probe and env.is_main)):
-        probe = fit_teacher_probe(teacher, train_set, train_counts, probe_options(config, train_set), device, progress)
+    if teacher is not None and config.probe_kd > 0:  # (for the report alone it is fitted at the end: see finish)
+        probe = fit_teacher_probe(teacher, train_set, train_counts, linear_probe.run_options(train_set, config.seed), device, progress)
     sup_loss = SupervisedLoss(config.loss, train_counts)
-    method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg, probe if config.probe_kd > 0 else None).to(device)
+    method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg, probe).to(device)
     method.sync_gradients = lambda parameters: average_gradients(parameters, env)
     if env.enabled and device.type == "cuda":  # SyncBatchNorm works on GPUs only
         for name, module in method.trainable_state().items():
@@ -373,16 +332,6 @@ def local_batches(run: Run) -> list[list[int]]:
     return [batch[env.rank * size : (env.rank + 1) * size] for batch in epoch_batches(order, size * env.world_size)]
 
 
-def unlabeled_batches(size: int, steps: int, per_step: int, epoch: int, seed: int, env: DistEnv) -> list[list[int]]:
-    """This process's unlabelled images for each step of an epoch: successive permutations of the pool, cut
-    into global batches of per_step x processes (the same global order everywhere)."""
-    rng = np.random.default_rng([seed, epoch, 29])
-    global_batch = per_step * env.world_size
-    needed = steps * global_batch
-    order = np.concatenate([rng.permutation(size) for _ in range(-(-needed // size))])[:needed]
-    return [order[i * global_batch + env.rank * per_step : i * global_batch + (env.rank + 1) * per_step].tolist() for i in range(steps)]
-
-
 def with_unlabeled(run: Run, loader: torch.utils.data.DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) per step: the labelled batch, followed by its unlabelled images (label UNLABELED) if any."""
     if run.unlabeled_set is None:
@@ -539,23 +488,15 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "checkpoints": {"best": str(run.run_dir / "best.safetensors"), "last": str(run.run_dir / "last.safetensors")},
         "notes": run.notes,
     }
-    if run.teacher_probe is not None and run.config.teacher_probe and run.env.is_main:
+    if run.teacher is not None and run.config.teacher_probe and run.env.is_main:
         summary["teacher_probe"] = run_teacher_probe(run, progress)
     if "test" in run.splits and run.env.is_main:
         options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), head_threshold=run.config.head_threshold, tail_threshold=run.config.tail_threshold)
         summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
     probe = summary.get("teacher_probe")
     if probe and "test" in summary and "test" in probe["splits"]:
-        summary["transfer"] = transfer_ratios(summary["test"], probe["splits"]["test"])
+        summary["transfer"] = linear_probe.transfer_ratios(summary["test"], probe["splits"]["test"])
     return summary
-
-
-PROBE_KEYS = ("balanced_accuracy", "tail_recall", "macro_f1")
-
-
-def probe_options(config: DistillConfig, train_set: ImageDataset) -> LinearProbeOptions:
-    """4 augmented views of the train split (1 when it is not augmented), seeded by the run's seed."""
-    return LinearProbeOptions(views=4 if train_set.augment_config != AugmentConfig() else 1, seed=config.seed)
 
 
 def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
@@ -564,18 +505,12 @@ def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
     eval_sets = {"val": run.val_set} if run.val_set is not None else {}
     if "test" in run.splits and len(run.splits["test"]):
         eval_sets["test"] = checked_dataset(run.splits["test"], run.config.image_size, run.config.skip_bad_images)
+    options = linear_probe.run_options(run.train_set, run.config.seed)
+    probe = run.teacher_probe if run.teacher_probe is not None else fit_teacher_probe(
+        run.teacher, run.train_set, run.train_counts, options, run.device, progress
+    )
     scores = score_probe(
-        run.teacher_probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold,
+        probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold,
         run.device, progress,
     )
-    views = probe_options(run.config, run.train_set).views
-    splits = {
-        split: {**{key: report[key] for key in PROBE_KEYS}, "head_recall": ((report.get("groups") or {}).get("head") or {}).get("mean_recall")}
-        for split, report in scores.items()
-    }
-    return {"views": views, "splits": splits}
-
-
-def transfer_ratios(student: dict[str, Any], probe: dict[str, Any]) -> dict[str, float | None]:
-    """The student's test numbers as fractions of the teacher probe's (1.0: all that the probe knows)."""
-    return {key: student[key] / probe[key] if student.get(key) is not None and probe.get(key) else None for key in ("balanced_accuracy", "tail_recall")}
+    return {"views": options.views, "splits": linear_probe.summarise_scores(scores)}

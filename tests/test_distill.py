@@ -274,7 +274,7 @@ def test_fpg_gradient_equals_direct_autograd_of_its_objective(tmp_path, distill_
 
 
 def test_adversary_ramps_in_and_the_fpg_rate_follows_the_schedule(tmp_path, distill_values):
-    from fopro.train import adversary_ramp
+    from fopro.schedule import adversary_ramp
 
     assert adversary_ramp(0, 10, 32) == 0.0 and adversary_ramp(16, 10, 32) == 0.5 and adversary_ramp(99, 10, 32) == 1.0
     assert adversary_ramp(50, 64, 32) == pytest.approx(50 / 64)
@@ -358,7 +358,7 @@ def test_same_seed_gives_bit_identical_weights(twin_runs):
 
 def test_the_seed_sets_init_and_data_order(tmp_path, distill_values):
     """The bit-identical check above is not vacuous: another seed starts from other weights and another order."""
-    from fopro.train import epoch_order
+    from fopro.schedule import epoch_order
 
     runs = [build_run(resolve_config({}, distill_values(seed=seed)), tmp_path / str(seed)) for seed in (0, 0, 1)]
     states = [run.method.student.state_dict() for run in runs]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from fopro.data import DataOptions
 from fopro.distributed import DistEnv, env_from_environment
 from fopro.evaluate import EvalOptions, evaluate
-from fopro.train import epoch_batches, epoch_order
+from fopro.schedule import epoch_batches, epoch_order
 
 
 

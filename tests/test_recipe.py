@@ -18,7 +18,8 @@ from fopro.data.augment import KNOBS, PRESETS
 from fopro.distill import distill
 from fopro.errors import FoproError
 from fopro.runtime import no_progress
-from fopro.train import build_run, local_batches, lr_factor, train_epoch
+from fopro.schedule import lr_factor
+from fopro.train import build_run, local_batches, train_epoch
 
 
 def test_lr_auto_scales_with_the_global_batch():

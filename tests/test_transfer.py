@@ -20,7 +20,8 @@ from fopro.data.manifest import UNLABELED
 from fopro.distributed import DistEnv
 from fopro.errors import FoproError
 from fopro.losses import SupervisedLoss
-from fopro.train import build_run, train, unlabeled_batches
+from fopro.schedule import unlabeled_batches
+from fopro.train import build_run, train
 
 from conftest import torch_threads
 

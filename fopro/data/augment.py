@@ -45,6 +45,11 @@ class AugmentConfig:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 
     @property
+    def is_identity(self) -> bool:
+        """The `none` preset: every image comes out as it went in (so augmented views would all be equal)."""
+        return self == AugmentConfig()
+
+    @property
     def flips_or_turns(self) -> bool:
         return self.hflip > 0 or self.vflip > 0 or self.rot90
 

@@ -215,7 +215,7 @@ def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str]
     else:
         image_col = _pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
         label_col = _pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
-        rows = [(_resolve_image(images, r[image_col]), _label_name(r[label_col], classes)) for r in records]
+        rows = [(resolve_image(images, r[image_col]), _label_name(r[label_col], classes)) for r in records]
     _check_rows(path, rows)
     return rows, isic
 
@@ -251,7 +251,7 @@ def _isic_rows(path: Path, records: list[dict[str, str]], images: Path) -> Rows:
         if not finding.isdigit() or int(finding) >= len(ISIC2019_CLASSES):
             raise FoproError(f"{path}:{line}: finding '{finding}' is not a class index 0-7 of the ISIC-2019 LT split")
         image = record["image"]
-        rows.append((_resolve_image(images, image if Path(image).suffix else image + ".jpg"), ISIC2019_CLASSES[int(finding)]))
+        rows.append((resolve_image(images, image if Path(image).suffix else image + ".jpg"), ISIC2019_CLASSES[int(finding)]))
     return rows
 
 
@@ -278,7 +278,7 @@ def _label_name(value: str, classes: list[str] | None) -> str:
     return value
 
 
-def _resolve_image(images: Path, name: str) -> Path:
+def resolve_image(images: Path, name: str) -> Path:
     path = Path(name)
     return path if path.is_absolute() else images / path
 

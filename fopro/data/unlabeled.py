@@ -15,7 +15,7 @@ from fopro.data.sources import (
     IMAGE_COLUMN_CANDIDATES,
     IMAGE_EXTENSIONS,
     MAX_LISTED,
-    _resolve_image,
+    resolve_image,
     read_csv_records,
 )
 from fopro.errors import FoproError
@@ -70,7 +70,7 @@ def _csv_images(path: Path, option: str, images: Path | None, image_column: str 
     paths = []
     for line, record in enumerate(records, start=2):  # line 1 is the header
         value = record.get(column, "")
-        image = _resolve_image(root, value) if value else None
+        image = resolve_image(root, value) if value else None
         if image is None or not image.is_file():
             missing.append(f"line {line}: {value or '(empty)'}")
         else:
