@@ -6,6 +6,9 @@ import dataclasses
 import difflib
 import json
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,9 @@ from typing import Any
 import yaml
 
 from fopro.data import DataOptions
-from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, parse_scale, resolve_augment
+from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESET_HELP, PRESETS, AugmentConfig, parse_scale, resolve_augment
 from fopro.errors import FoproError
+from fopro.fpg import FPG_MODES
 from fopro.losses import check_loss
 from fopro.methods import METHODS, MethodConfig
 from fopro.models import StudentOptions, TeacherOptions
@@ -27,101 +31,168 @@ SCHEDULES = ("cosine", "constant")
 AUTO_LR = {"adam": (1e-3, 32, 0.5), "sgd": (0.1, 256, 1.0)}
 AMP_MODES = ("none", "bf16", "fp16")
 
+DATA, AUGMENT, TEACHER, STUDENT, METHOD, FPG, OPTIM = (
+    "Data", "Augmentation (train split)", "Teacher", "Student", "Method", "Fourier Prompt Generator", "Optimisation"
+)
+AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check on one option's value (None passes: it means 'not given' or 'auto')."""
+
+    ok: Callable[[Any], bool]
+    says: str  # what the error says after `--option VALUE`
+
+
+AT_LEAST_1 = Rule(lambda v: v >= 1, "must be at least 1")
+NOT_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
+POSITIVE = Rule(lambda v: v > 0, "must be greater than 0")
+
+
+def option(
+    default: Any = None,
+    help: str = "",
+    panel: str | None = None,
+    *,
+    choices: tuple[str, ...] | None = None,
+    rule: Rule | None = None,
+    path: bool = False,
+    metavar: str | None = None,
+    cli_text: bool = False,
+    cli_default: Any = None,
+) -> Any:
+    """A DistillConfig field and everything the CLI, the config files and the validation need to know about it.
+
+    path: a file or folder (a Path on the command line, made absolute in config.json); cli_text: given as
+    text on the command line (e.g. `--scale 0.8,1.0`, `--classes a,b`, `--lr auto`) and parsed by `coerce`.
+    """
+    metadata = {"help": help, "panel": panel, "choices": choices, "rule": rule, "path": path, "metavar": metavar,
+                "cli_text": cli_text, "cli_default": cli_default}
+    return field(default=default, metadata=metadata)
+
 
 @dataclass
 class DistillConfig:
-    """Every option of a distillation run, flat, with the same names as the command-line options."""
+    """Every option of a distillation run, flat, with the same names as the command-line options.
 
-    # data
-    data: str | None = None
-    train_csv: str | None = None
-    val_csv: str | None = None
-    test_csv: str | None = None
-    images: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    classes: list[str] | None = None
-    imbalance: float | None = None
-    data_seed: int = 0
-    skip_bad_images: bool = False
-    unlabeled: str | None = None
-    unlabeled_batch: int | None = None
+    The one schema of `fopro distill`: its flags, help, defaults and panels, the config-file keys,
+    config.json and the value checks all derive from these fields (fopro.cli.options builds the flags).
+    """
+
+    # data (the same fields are the data options of every command)
+    data: str | None = option(help="ImageFolder root with train/, val/, test/ <class>/<image>.", panel=DATA, path=True)
+    train_csv: str | None = option(help="Training CSV manifest (image and label columns; ISIC-2019 LT format detected).", panel=DATA, path=True)
+    val_csv: str | None = option(help="Validation CSV manifest.", panel=DATA, path=True)
+    test_csv: str | None = option(help="Test CSV manifest.", panel=DATA, path=True)
+    images: str | None = option(help="Folder the CSV image paths are relative to (ISIC: the .jpg folder).", panel=DATA, path=True)
+    image_column: str | None = option(help="CSV column with the image path or id (auto-detected when unambiguous).", panel=DATA)
+    label_column: str | None = option(help="CSV column with the label, a class name or index (auto-detected).", panel=DATA)
+    classes: list[str] | None = option(help="Comma-separated class names, in class-index order (default: sorted names).", panel=DATA, cli_text=True)
+    imbalance: float | None = option(
+        help="Subsample the training split to this long-tail factor (rarest/most frequent, in (0, 1]).", panel=DATA,
+        rule=Rule(lambda v: 0 < v <= 1, "is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01"),
+    )
+    data_seed: int = option(0, "Seed of the long-tail subsampling.", DATA)
+    skip_bad_images: bool = option(False, "Leave out unreadable images (and say how many) instead of failing.", DATA)
+    unlabeled: str | None = option(
+        help="Unlabelled images (a folder, searched recursively, or a CSV with an image column) that join the alignment and FPG terms only (kd, ekd, fopro).",
+        panel=METHOD, path=True,
+    )
+    unlabeled_batch: int | None = option(help="Unlabelled images per step (default: --batch-size).", panel=METHOD, rule=AT_LEAST_1)
     # augmentation (a preset, and knobs that override it when given)
-    augment: str = DEFAULT_PRESET
-    hflip: float | None = None
-    vflip: float | None = None
-    rotate: float | None = None
-    scale: list[float] | None = None
-    color_jitter: float | None = None
+    augment: str = option(
+        DEFAULT_PRESET,
+        f"Augmentation preset of the train split (the student, the teacher and the FPG see the same augmented image). {AUGMENT_PRESETS}. The knobs below override it.",
+        AUGMENT, choices=tuple(PRESETS),
+    )
+    hflip: float | None = option(help="Horizontal flip probability (0 turns flips off).", panel=AUGMENT)
+    vflip: float | None = option(help="Vertical flip probability (0 turns flips off).", panel=AUGMENT)
+    rotate: float | None = option(help="Largest random rotation in degrees (0 turns rotation off, 90-degree turns too).", panel=AUGMENT)
+    scale: list[float] | None = option(help="Area fraction of the random crop, e.g. 0.8,1.0 (1,1: no zoom).", panel=AUGMENT, metavar="MIN,MAX", cli_text=True)
+    color_jitter: float | None = option(help="Brightness/contrast/saturation change in [1-F, 1+F] (0 turns it off).", panel=AUGMENT)
     # models
-    teacher: str | None = None
-    teacher_weights: str | None = None
-    teacher_image_size: int | None = None
-    student: str = "resnet18"
-    student_pretrained: bool = False
-    student_weights: str | None = None
-    image_size: int = 64
+    teacher: str | None = option(
+        help="Teacher: a timm model name (weights from --teacher-weights or timm's hub), or a fopro checkpoint .safetensors. None with no data: the synthetic demo.",
+        panel=TEACHER,
+    )
+    teacher_weights: str | None = option(
+        help="Local teacher weights: .safetensors, .pth or .pth.tar (timm, torchvision, MoCo v2, DINOv2 layouts).", panel=TEACHER, path=True
+    )
+    teacher_image_size: int | None = option(
+        help="Teacher input size (default: the student's, rounded to the patch size of ViT teachers).", panel=TEACHER,
+        rule=Rule(lambda v: v >= 16, "must be at least 16 pixels"),
+    )
+    student: str = option("resnet18", "Student: any timm model name.", STUDENT)
+    student_pretrained: bool = option(False, "Start the student from timm's pretrained weights (hub) instead of random init.", STUDENT)
+    student_weights: str | None = option(help="Local pretrained weights for the student (its classifier is re-initialised).", panel=STUDENT, path=True)
+    image_size: int = option(64, "Student (and FPG) input size in pixels.", STUDENT, rule=Rule(lambda v: v >= 16, "must be at least 16 pixels"))
     # method
-    method: str = "fopro"
-    loss: str = "balanced_softmax"
-    ekd_weight: float = 3.0
-    adv_weight: float = 1.0
-    fpg_reg: float = 0.1
-    fpg_mode: str = "both"
-    fpg_strength: float = 0.5
-    fpg_hidden: int = 16
-    fpg_lr: float = 1e-3
-    fpg_every: int = 1
-    prompt_fraction: float = 1.0
-    probe_kd: float = 0.0
-    probe_init: str | None = None
+    method: str = option(
+        "fopro", "none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head) | fopro (EKD + FPG + AKD).", METHOD, choices=METHODS
+    )
+    loss: str = option("balanced_softmax", "Supervised loss: balanced_softmax (logit-adjusted for the training class counts) | ce.", METHOD)
+    ekd_weight: float = option(3.0, "lambda: weight of the student-teacher alignment term.", METHOD, rule=NOT_NEGATIVE)
+    adv_weight: float = option(
+        1.0, "alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", FPG,
+        rule=Rule(lambda v: v >= 0, "must not be negative (0 turns AKD off)"),
+    )
+    fpg_reg: float = option(0.1, "beta: penalty on (M - 1)^2 keeping the mask near 1.", FPG, rule=NOT_NEGATIVE)
+    fpg_mode: str = option("both", "dataset (one learned spectrum map) | conditional (per-image conv net) | both.", FPG, choices=FPG_MODES)
+    fpg_strength: float = option(
+        0.5, "epsilon: the mask stays within [1 - eps, 1 + eps].", FPG, rule=Rule(lambda v: 0 < v < 1, "must be in (0, 1), e.g. 0.5")
+    )
+    fpg_hidden: int = option(16, "Channels of the conditional generator.", FPG, rule=AT_LEAST_1)
+    fpg_lr: float = option(1e-3, "Learning rate of the FPG and the teacher head h_t.", FPG, rule=POSITIVE)
+    fpg_every: int = option(1, "Run the FPG step every K steps.", FPG, rule=AT_LEAST_1)
+    prompt_fraction: float = option(
+        1.0, "Share of each batch the FPG prompts; the student learns on the prompted images (the rest stay clean).", FPG,
+        rule=Rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    )
+    probe_kd: float = option(
+        0.0,
+        "Weight of KL(teacher probe || student): the class beliefs of a linear classifier fitted on the frozen teacher's embeddings of train, on every image (unlabelled ones too). 0 turns it off.",
+        METHOD, rule=Rule(lambda v: v >= 0, "must not be negative (0 turns it off)"),
+    )
+    probe_init: str | None = option(help="Start the dataset-level prompt from a probe.json (amplify the preferred bands).", panel=FPG, path=True)
     # optimisation
-    epochs: int = 100
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float | None = None
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    grad_clip: float = 5.0
-    balanced_sampler: bool = False
-    amp: str = "none"
-    channels_last: bool = True
-    device: str = "auto"
-    workers: int | None = None
-    seed: int = 0
+    epochs: int = option(100, "Training epochs (default 100; 6 on the synthetic demo).", OPTIM, rule=AT_LEAST_1)
+    batch_size: int = option(32, "Images per step (per process under torchrun).", OPTIM, rule=AT_LEAST_1)
+    optimizer: str = option("adam", "adam | sgd (momentum, Nesterov).", OPTIM, choices=OPTIMIZERS)
+    lr: float | None = option(
+        help="Peak learning rate, or auto: Adam 1e-3 x sqrt(global batch / 32), SGD 0.1 x global batch / 256.", panel=OPTIM,
+        rule=Rule(lambda v: v > 0, "must be greater than 0 (or auto)"), cli_text=True, cli_default="auto",
+    )
+    schedule: str = option("cosine", "After the warm-up: cosine (decay to 0) | constant.", OPTIM, choices=SCHEDULES)
+    weight_decay: float = option(0.0, "Weight decay.", OPTIM, rule=NOT_NEGATIVE)
+    momentum: float = option(0.9, "SGD momentum.", OPTIM, rule=Rule(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    warmup_epochs: float = option(1.0, "Linear warm-up length in epochs.", OPTIM, rule=NOT_NEGATIVE)
+    grad_clip: float = option(5.0, "Gradient norm clipping.", OPTIM, rule=POSITIVE)
+    balanced_sampler: bool = option(False, "Class-balanced sampling instead of shuffling.", OPTIM)
+    amp: str = option("none", "Mixed precision on GPU: none | bf16 | fp16.", OPTIM, choices=AMP_MODES)
+    channels_last: bool = option(True, "channels_last memory format on GPU.", OPTIM)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.", OPTIM)
+    workers: int | None = option(help="Data loader worker processes (default: 0 for in-memory datasets, else cores - 1).", panel=OPTIM, rule=NOT_NEGATIVE)
+    seed: int = option(0, "Random seed (same seed on CPU: same weights, bit for bit).", OPTIM)
     # run
-    out: str | None = None
-    head_threshold: int = 100
-    tail_threshold: int = 20
-    teacher_probe: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    out: str | None = option(help="Run folder (default runs/<method>-<time>).", path=True)
+    head_threshold: int = option(100, "Head classes have more training images than this.", rule=NOT_NEGATIVE)
+    tail_threshold: int = option(20, "Tail (rare) classes have fewer training images than this.", rule=NOT_NEGATIVE)
+    teacher_probe: bool = option(
+        True,
+        "After training, fit a linear classifier on the frozen teacher's embeddings of the train split and report the student next to it (the reference for the transfer).",
+    )
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def data_options(self) -> DataOptions:
-        path = lambda value: Path(value) if value else None  # noqa: E731
-        return DataOptions(
-            data=path(self.data),
-            train_csv=path(self.train_csv),
-            val_csv=path(self.val_csv),
-            test_csv=path(self.test_csv),
-            images=path(self.images),
-            image_column=self.image_column,
-            label_column=self.label_column,
-            classes=self.classes,
-            imbalance=self.imbalance,
-            seed=self.data_seed,
-            skip_bad_images=self.skip_bad_images,
-        )
+        return data_options_of(self.to_dict())
 
     def unlabeled_batch_size(self) -> int:
         """Unlabelled images per step and process (--unlabeled-batch, default: --batch-size)."""
         return self.unlabeled_batch or self.batch_size
 
     def augment_config(self) -> AugmentConfig:
-        return resolve_augment(
-            self.augment, hflip=self.hflip, vflip=self.vflip, rotate=self.rotate, scale=self.scale, color_jitter=self.color_jitter
-        )
+        return resolve_augment(self.augment, **{knob: getattr(self, knob) for knob in KNOBS})
 
     def teacher_options(self) -> TeacherOptions:
         return TeacherOptions(
@@ -157,53 +228,76 @@ class DistillConfig:
         base, base_batch, power = AUTO_LR[self.optimizer]
         return base * (self.batch_size * world_size / base_batch) ** power
 
+    def validate(self) -> None:
+        """Every option and cross-option rule, before any file is read or model built: one error naming the option."""
+        for name, spec in OPTION_FIELDS.items():
+            value = getattr(self, name)
+            choices, rule = spec.metadata["choices"], spec.metadata["rule"]
+            if choices and value not in choices:
+                raise FoproError(f"{flag(name)} {value} is not known: choose one of {', '.join(choices)}")
+            if rule and value is not None and not rule.ok(value):
+                raise FoproError(f"{flag(name)} {value} {rule.says}")
+        check_loss(self.loss)
+        self.augment_config()
+        if self.tail_threshold > self.head_threshold:
+            raise FoproError(f"--tail-threshold {self.tail_threshold} is above --head-threshold {self.head_threshold}: choose tail <= head")
+        if self.probe_kd > 0 and self.method == "none":
+            raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
+        if self.unlabeled and self.method == "none":
+            raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")
+        if self.probe_init and not Path(self.probe_init).is_file():
+            raise FoproError(f"--probe-init {self.probe_init} does not exist: give the probe.json written by fopro probe")
+        if self.probe_init and self.fpg_mode == "conditional":
+            raise FoproError("--probe-init sets the dataset-level prompt, which --fpg-mode conditional has not: use --fpg-mode dataset or both")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+OPTION_FIELDS = {name: f for name, f in FIELDS.items() if f.metadata.get("cli", True)}  # the command-line options
+TYPES = typing.get_type_hints(DistillConfig)
+PATH_KEYS = tuple(name for name, f in OPTION_FIELDS.items() if f.metadata["path"])
+# The data options every command that reads data shares (fopro eval, probe, export, data info).
+DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "image_column", "label_column", "classes", "imbalance",
+             "data_seed", "skip_bad_images")
 # Options of earlier versions: run folders that hold them still load (the value is dropped); config files are told.
 RETIRED_KEYS = {
     "reuse_teacher_forward": "was removed in fopro 0.3 (the student now always learns against the FPG step's teacher embedding)",
 }
 
 
-def validate(config: DistillConfig) -> None:
-    """Option values a run cannot start with: one clear error naming the option."""
-    checks = [
-        (config.epochs >= 1, "--epochs", "must be at least 1"),
-        (config.batch_size >= 1, "--batch-size", "must be at least 1"),
-        (config.lr is None or config.lr > 0, "--lr", "must be greater than 0 (or auto)"),
-        (config.fpg_lr > 0, "--fpg-lr", "must be greater than 0"),
-        (config.image_size >= 16, "--image-size", "must be at least 16 pixels"),
-        (config.fpg_every >= 1, "--fpg-every", "must be at least 1"),
-        (0 < config.prompt_fraction <= 1, "--prompt-fraction", "must be in (0, 1]"),
-        (config.weight_decay >= 0, "--weight-decay", "must not be negative"),
-        (config.warmup_epochs >= 0, "--warmup-epochs", "must not be negative"),
-        (config.grad_clip > 0, "--grad-clip", "must be greater than 0"),
-        (config.ekd_weight >= 0, "--ekd-weight", "must not be negative"),
-        (config.adv_weight >= 0, "--adv-weight", "must not be negative (0 turns AKD off)"),
-        (config.fpg_reg >= 0, "--fpg-reg", "must not be negative"),
-        (config.probe_kd >= 0, "--probe-kd", "must not be negative (0 turns it off)"),
-        (config.workers is None or config.workers >= 0, "--workers", "must not be negative"),
-        (config.unlabeled_batch is None or config.unlabeled_batch >= 1, "--unlabeled-batch", "must be at least 1"),
-    ]
-    for ok, option, what in checks:
-        if not ok:
-            value = getattr(config, option[2:].replace("-", "_"))
-            raise FoproError(f"{option} {value} {what}")
-    check_loss(config.loss)
-    choices = [("method", METHODS), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("amp", AMP_MODES)]
-    for name, allowed in choices:
-        if getattr(config, name) not in allowed:
-            raise FoproError(f"--{name} {getattr(config, name)} is not known: choose one of {', '.join(allowed)}")
-    config.augment_config()
-    if config.probe_kd > 0 and config.method == "none":
-        raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
-    if config.unlabeled and config.method == "none":
-        raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")
-    if config.imbalance is not None and not 0 < config.imbalance <= 1:
-        raise FoproError(f"--imbalance {config.imbalance} is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01")
+def flag(name: str) -> str:
+    """The command-line flag of a field: image_size -> --image-size."""
+    return "--" + name.replace("_", "-")
+
+
+def value_type(name: str) -> type:
+    """The type a field holds when set: int for `int | None`, list for `list[float] | None`."""
+    hint = TYPES[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    return typing.get_origin(args[0]) or args[0]
+
+
+def data_options_of(values: dict[str, Any]) -> DataOptions:
+    """The DataOptions of the data fields in `values` (a DistillConfig's dict, or a command's data options)."""
+    classes = values.get("classes")
+    if isinstance(classes, str):
+        classes = _coerce("classes", classes)
+    path = lambda key: Path(values[key]) if values.get(key) else None  # noqa: E731
+    return DataOptions(
+        data=path("data"),
+        train_csv=path("train_csv"),
+        val_csv=path("val_csv"),
+        test_csv=path("test_csv"),
+        images=path("images"),
+        image_column=values.get("image_column"),
+        label_column=values.get("label_column"),
+        classes=classes,
+        imbalance=values.get("imbalance"),
+        seed=values.get("data_seed") or 0,
+        skip_bad_images=bool(values.get("skip_bad_images")),
+    )
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -252,47 +346,42 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> D
     config = DistillConfig()
     for key, value in merged.items():
         setattr(config, key, _coerce(key, value))
-    validate(config)
+    config.validate()
     return config
 
 
 def _coerce(key: str, value: Any) -> Any:
+    """A value from the command line, a config file or config.json, as the field's type (or one clear error)."""
     if value is None:
         return None
-    default = getattr(DistillConfig(), key)
     if key == "classes" and isinstance(value, str):
         return [c.strip() for c in value.split(",") if c.strip()]
     if key == "scale":
         return list(parse_scale(value))
     if key == "lr" and value == "auto":
         return None
-    if key in OPTIONAL_FLOATS:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            if key == "lr":
-                raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
-            raise FoproError(f"option {key} = {value!r} has the wrong type: expected a number") from None
     if isinstance(value, Path):
         return str(value)
+    kind = value_type(key)
     try:
-        if isinstance(default, bool):
+        if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if isinstance(default, int) and not isinstance(value, bool):
+        if kind is int and not isinstance(value, bool):
             if float(value) != int(value):
                 raise ValueError
             return int(value)
-        if isinstance(default, float):
+        if kind is float and not isinstance(value, bool):
             return float(value)
-    except (TypeError, ValueError) as err:
-        raise FoproError(f"option {key} = {value!r} has the wrong type: expected {type(default).__name__}") from err
+    except (TypeError, ValueError, OverflowError):
+        if key == "lr":
+            raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
+        raise FoproError(f"option {key} = {value!r} has the wrong type: expected {_TYPE_WORDS.get(kind, kind.__name__)}") from None
     return value
 
 
-OPTIONAL_FLOATS = ("hflip", "vflip", "rotate", "color_jitter", "imbalance", "lr")
-PATH_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "unlabeled", "teacher_weights", "student_weights", "probe_init", "out")
+_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false"}
 
 
 def absolute_paths(config: DistillConfig) -> DistillConfig:

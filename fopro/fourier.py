@@ -95,7 +95,7 @@ def band_edges(
     :data:`DEFAULT_LOG_MIN_RADIUS` = 1/32 of Nyquist) to 1. With one band both give [(0, 1)].
     """
     if isinstance(n_bands, bool) or not isinstance(n_bands, int) or n_bands < 1:
-        raise FoproError(f"--bands must be an integer >= 1 (got {n_bands!r}); pass e.g. --bands 4")
+        raise FoproError(f"n_bands must be an integer >= 1 (got {n_bands!r}), e.g. 4")
     if not (0.0 < float(min_radius) < 1.0):
         raise FoproError(f"the log band minimum radius must be in (0, 1) (got {min_radius!r})")
     if n_bands == 1:

@@ -36,13 +36,13 @@ class FourierPromptGenerator(nn.Module):
     def __init__(self, image_size: int, mode: str = "both", strength: float = 0.5, hidden: int = 16):
         super().__init__()
         if mode not in FPG_MODES:
-            raise FoproError(f"--fpg-mode must be one of {', '.join(FPG_MODES)} (got {mode!r})")
+            raise FoproError(f"FourierPromptGenerator mode must be one of {', '.join(FPG_MODES)} (got {mode!r})")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (0.0 < float(strength) < 1.0):
-            raise FoproError(f"--fpg-strength must be a number in (0, 1), e.g. 0.5 (got {strength!r})")
+            raise FoproError(f"FourierPromptGenerator strength must be a number in (0, 1), e.g. 0.5 (got {strength!r})")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 2:
-            raise FoproError(f"the FPG image size must be an integer >= 2 (got {image_size!r}); set --image-size")
+            raise FoproError(f"FourierPromptGenerator image_size must be an integer >= 2 (got {image_size!r})")
         if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-            raise FoproError(f"the FPG hidden width must be an integer >= 1 (got {hidden!r})")
+            raise FoproError(f"FourierPromptGenerator hidden must be an integer >= 1 (got {hidden!r})")
         self.image_size = int(image_size)
         self.mode = mode
         self.strength = float(strength)
@@ -116,8 +116,8 @@ class FourierPromptGenerator(nn.Module):
         """
         if self.prompt is None:
             raise FoproError(
-                f"init_from_band_gains needs a dataset prompt but --fpg-mode is {self.mode!r}; "
-                "use --fpg-mode dataset or both"
+                f"init_from_band_gains needs a dataset prompt but the FPG's mode is {self.mode!r}; "
+                "build it with mode 'dataset' or 'both'"
             )
         s = self.strength
         g = torch.as_tensor(gains, dtype=torch.float64).reshape(-1)

@@ -218,6 +218,19 @@ def _option(name: str, value: str, command: str = "distill") -> Build:
     return build
 
 
+def _before_data(name: str, value: str, *more: str) -> Build:
+    """A bad distill option given with data that would fail if scanned: the option's error must come first."""
+
+    def build(s, tmp):
+        return distill_args(s, tmp, name, value, *more, data=tmp / "never-scanned"), [f"{name} {value}"]
+
+    return build
+
+
+def _data_not_reached(s, tmp, message):
+    assert "never-scanned" not in message, "the options are checked before any data is read"
+
+
 def _dinov2_patch(s, tmp):
     return distill_args(s, tmp, teacher="vit_small_patch14_dinov2") + ["--teacher-image-size", "100"], [
         "--teacher-image-size 100", "patch size 14"]
@@ -415,6 +428,14 @@ CASES: list[Case] = [
     Case("unknown-teacher-probe", "options", _unknown_teacher("probe"), ("did you mean resnet18",)),
     Case("unknown-method", "options", _option("--method", "fopro-kd"), ("choose one of none, kd, ekd, fopro",)),
     Case("unknown-loss", "options", _option("--loss", "focal"), ("choose one of balanced_softmax, ce",)),
+    Case("fpg-strength-outside-range", "options", _before_data("--fpg-strength", "1.5"), ("e.g. 0.5",), _data_not_reached),
+    Case("fpg-mode-unknown", "options", _before_data("--fpg-mode", "spatial"), ("choose one of dataset, conditional, both",), _data_not_reached),
+    Case("fpg-hidden-zero", "options", _before_data("--fpg-hidden", "0"), ("must be at least 1",), _data_not_reached),
+    Case("momentum-one", "options", _before_data("--momentum", "1.0"), ("must be in [0, 1)",), _data_not_reached),
+    Case("tail-threshold-above-head", "options", _before_data("--tail-threshold", "50", "--head-threshold", "10"),
+         ("choose tail <= head",), _data_not_reached),
+    Case("probe-init-missing", "options", _before_data("--probe-init", "missing-probe.json"), ("give the probe.json written by fopro probe",),
+         _data_not_reached),
     Case("config-unknown-key-close-name", "options", _config_unknown_key("epoch"), ("(did you mean epochs?)",)),
     Case("config-unknown-key-no-close-name", "options", _config_unknown_key("learning_rate"), ("options of `fopro distill --help`",)),
     Case("config-invalid-yaml", "options", _config_invalid_yaml, ("fix the syntax",)),

@@ -146,7 +146,7 @@ def test_shift_helpers_match_numpy():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_band_edges_rejects_bad_count(bad):
-    with pytest.raises(FoproError, match="--bands"):
+    with pytest.raises(FoproError, match="n_bands must be an integer"):
         band_edges(bad)
 
 

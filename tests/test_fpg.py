@@ -127,7 +127,7 @@ def test_dc_term_is_never_changed(mode):
 
 def test_init_from_band_gains_needs_dataset_prompt():
     fpg = FourierPromptGenerator(S, mode="conditional", hidden=4)
-    with pytest.raises(FoproError, match="--fpg-mode"):
+    with pytest.raises(FoproError, match="needs a dataset prompt"):
         fpg.init_from_band_gains(band_edges(2), [1.0, 1.0])
     fpg = FourierPromptGenerator(S, mode="dataset")
     with pytest.raises(FoproError):
@@ -135,10 +135,10 @@ def test_init_from_band_gains_needs_dataset_prompt():
 
 
 def test_bad_options_raise():
-    with pytest.raises(FoproError, match="--fpg-mode"):
+    with pytest.raises(FoproError, match="mode must be one of"):
         FourierPromptGenerator(S, mode="spectral")
     for bad in (0, 0.0, 1.0, 1.5, -0.2):
-        with pytest.raises(FoproError, match="--fpg-strength"):
+        with pytest.raises(FoproError, match="strength must be a number"):
             FourierPromptGenerator(S, strength=bad)
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fopro.data import DataOptions
+from fopro.config import DATA_KEYS, FIELDS, OPTION_FIELDS, data_options_of, value_type
 from fopro.errors import FoproError
 from fopro.runtime import ProgressFn
 
@@ -98,63 +98,40 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
         yield update
 
 
-# --- data options, shared by every command that reads data ---------------------------------------
-
-DATA_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "data": (Optional[Path], typer.Option(help="ImageFolder root with train/, val/, test/ <class>/<image>.", rich_help_panel="Data")),
-    "train_csv": (Optional[Path], typer.Option(help="Training CSV manifest (image and label columns; ISIC-2019 LT format detected).", rich_help_panel="Data")),
-    "val_csv": (Optional[Path], typer.Option(help="Validation CSV manifest.", rich_help_panel="Data")),
-    "test_csv": (Optional[Path], typer.Option(help="Test CSV manifest.", rich_help_panel="Data")),
-    "images": (Optional[Path], typer.Option(help="Folder the CSV image paths are relative to (ISIC: the .jpg folder).", rich_help_panel="Data")),
-    "image_column": (Optional[str], typer.Option(help="CSV column with the image path or id (auto-detected when unambiguous).", rich_help_panel="Data")),
-    "label_column": (Optional[str], typer.Option(help="CSV column with the label, a class name or index (auto-detected).", rich_help_panel="Data")),
-    "classes": (Optional[str], typer.Option(help="Comma-separated class names, in class-index order (default: sorted names).", rich_help_panel="Data")),
-    "imbalance": (Optional[float], typer.Option(help="Subsample the training split to this long-tail factor (rarest/most frequent, in (0, 1]).", rich_help_panel="Data")),
-    "data_seed": (int, typer.Option(help="Seed of the long-tail subsampling.", rich_help_panel="Data")),
-    "skip_bad_images": (bool, typer.Option(help="Leave out unreadable images (and say how many) instead of failing.", rich_help_panel="Data")),
-}
-DATA_DEFAULTS = {"data_seed": 0, "skip_bad_images": False}
+# --- options from the DistillConfig schema: distill's, and the data options every command shares -----
 
 
-def data_options_from(values: dict[str, Any]) -> DataOptions:
-    classes = values.get("classes")
-    return DataOptions(
-        data=values.get("data"),
-        train_csv=values.get("train_csv"),
-        val_csv=values.get("val_csv"),
-        test_csv=values.get("test_csv"),
-        images=values.get("images"),
-        image_column=values.get("image_column"),
-        label_column=values.get("label_column"),
-        classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
-        imbalance=values.get("imbalance"),
-        seed=values.get("data_seed", 0),
-        skip_bad_images=values.get("skip_bad_images", False),
-    )
+def option_parameter(name: str) -> inspect.Parameter:
+    """The Typer option of a DistillConfig field: its type, default, help, panel and metavar come from the schema."""
+    spec = FIELDS[name]
+    meta = spec.metadata
+    kind = Path if meta["path"] else str if meta["cli_text"] else value_type(name)
+    default = spec.default if meta["cli_default"] is None else meta["cli_default"]
+    info = typer.Option(help=meta["help"], rich_help_panel=meta["panel"], metavar=meta["metavar"])
+    annotation = Annotated[kind if default is not None else Optional[kind], info]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def with_data_options(func: Callable) -> Callable:
     """Add the shared data options to a command; the command receives them as `data_options: DataOptions`."""
-    return _add_data_options(func, "data_options", data_options_from)
+    return with_schema_options(func, DATA_KEYS, "data_options", data_options_of)
 
 
-def with_data_values(func: Callable) -> Callable:
-    """Like with_data_options, but the command receives the raw values as `data_values: dict`."""
-    return _add_data_options(func, "data_values", dict)
+def with_distill_options(func: Callable) -> Callable:
+    """Add every option of DistillConfig to a command; the command receives their values as `values: dict`."""
+    return with_schema_options(func, tuple(OPTION_FIELDS), "values", dict)
 
 
-def _add_data_options(func: Callable, target: str, build: Callable[[dict[str, Any]], Any]) -> Callable:
+def with_schema_options(func: Callable, names: tuple[str, ...], target: str, build: Callable[[dict[str, Any]], Any]) -> Callable:
+    """Add the options `names` of the schema to `func`'s signature; `func` receives build(their values) as `target`."""
     signature = inspect.signature(func)
     hints = typing.get_type_hints(func, include_extras=True)
     own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values() if p.name != target]
-    added = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=DATA_DEFAULTS.get(name), annotation=Annotated[kind, info])
-        for name, (kind, info) in DATA_OPTIONS.items()
-    ]
+    added = [option_parameter(name) for name in names]
 
     @functools.wraps(func)
     def wrapper(**kwargs: Any) -> Any:
-        values = {name: kwargs.pop(name) for name in DATA_OPTIONS if name in kwargs}
+        values = {name: kwargs.pop(name) for name in names if name in kwargs}
         return func(**{target: build(values)}, **kwargs)
 
     wrapper.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
