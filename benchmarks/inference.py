@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from fopro.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from fopro.data import DataOptions, load_splits  # noqa: E402
 from fopro.evaluate import TorchPredictor  # noqa: E402
-from fopro.export import ExportOptions, OnnxPredictor, export_onnx, graph_input, open_session  # noqa: E402
+from fopro.export import ExportOptions, export_onnx  # noqa: E402
+from fopro.onnx_model import OnnxPredictor, graph_input, open_session  # noqa: E402
 from fopro.models import StudentOptions, create_student  # noqa: E402
 
 TARGET_SPEEDUP_EFFICIENCY = 0.8  # student speed-up >= 80 % of the FLOP ratio
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report_rows,
     )
     out.note(
-        f"onnxruntime threads: {'its default (fopro.export.open_session)' if threads is None else threads} | torch threads: "
+        f"onnxruntime threads: {'its default (fopro.onnx_model.open_session)' if threads is None else threads} | torch threads: "
         f"{torch.get_num_threads()} | int8 graph after onnxruntime's optimisation: {int8_fusion['qlinear_conv']} QLinearConv, "
         f"{int8_fusion['float_conv']} float Conv, {int8_fusion['dequantize']} DequantizeLinear"
         + (" (convolutions left in float: int8 pays quantise/dequantise around float kernels)" if int8_fusion["float_conv"] else "")

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fopro.checkpoint import build_model, load_meta  # noqa: E402
+from fopro.checkpoint import load_meta  # noqa: E402
+from fopro.models.weights import build_model  # noqa: E402
 from fopro.config import load_run_config  # noqa: E402
 from fopro.data import DataOptions, checked_dataset, load_splits  # noqa: E402
 from fopro.evaluate import TorchPredictor, predict  # noqa: E402

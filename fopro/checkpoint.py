@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from fopro import __version__
 from fopro.errors import FoproError
@@ -156,31 +155,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     except (SafetensorError, OSError, ValueError) as err:
         raise FoproError(f"{weights_path} is not a valid safetensors file: it may be corrupted or truncated; copy it again") from err
     return state_dict, meta
-
-
-def build_model(path: str | Path, head: bool = True) -> tuple[nn.Module, CheckpointMeta]:
-    """The timm model of a checkpoint with its weights; with head=False the classifier is removed."""
-    from fopro.models.weights import create_timm_model, load_weights
-
-    state_dict, meta = load_checkpoint(path)
-    weights_path, meta_path = sidecar(path)
-    model = create_timm_model(meta.arch, meta.num_classes, meta.image_size, option=f"{meta_path} arch")
-    check_head(model, state_dict, meta, str(meta_path))
-    load_weights(model, state_dict, str(weights_path), keep_classifier=True)
-    if not head:
-        model.reset_classifier(0)
-    model.eval()
-    return model, meta
-
-
-def check_head(model: nn.Module, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, source: str) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    name = names.get(id(getattr(model.get_classifier(), "weight", None)))
-    if name and name in state_dict and state_dict[name].shape[0] != meta.num_classes:
-        raise FoproError(
-            f"{source} lists {meta.num_classes} classes but the weights' classifier has {state_dict[name].shape[0]} outputs: "
-            "the JSON does not belong to these weights"
-        )
 
 
 def file_sha256(path: str | Path) -> str:

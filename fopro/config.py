@@ -19,6 +19,7 @@ from fopro.data import DataOptions
 from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESET_HELP, PRESETS, AugmentConfig, parse_scale, resolve_augment
 from fopro.errors import FoproError
 from fopro.fpg import FPG_MODES
+from fopro.io import write_json
 from fopro.losses import check_loss
 from fopro.methods import METHODS, MethodConfig
 from fopro.models import StudentOptions, TeacherOptions
@@ -396,8 +397,6 @@ def absolute_paths(config: DistillConfig) -> DistillConfig:
 
 
 def save_config(config: DistillConfig, path: Path) -> None:
-    from fopro.io import write_json
-
     write_json(path, config.to_dict())
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from fopro.config import DistillConfig
 from fopro.data.synth import SynthConfig, generate_synth, is_synth_dataset
 from fopro.runtime import ProgressFn, no_progress
+from fopro.train import train
 
 SYNTH_CACHE_VERSION = "v1"
 TEACHER_CACHE_VERSION = "v2"  # v2: trained with the recipe of fopro 0.2 (lr auto, --augment)
@@ -60,8 +61,6 @@ def demo_teacher_config(synth_root: Path) -> DistillConfig:
 
 
 def ensure_demo_teacher(synth_root: Path, progress: ProgressFn = no_progress) -> Path:
-    from fopro.train import train
-
     run_dir = cache_dir() / f"demo-teacher-{TEACHER_CACHE_VERSION}"
     best = run_dir / "best.safetensors"
     if _finished(run_dir):

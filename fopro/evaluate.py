@@ -11,11 +11,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fopro.checkpoint import build_model
+from fopro.models.weights import build_model
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import write_json, write_text
 from fopro.metrics import compute_metrics
+from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
 from fopro.plots import plot_confusion
 from fopro.runtime import ProgressFn, no_progress, resolve_device
@@ -72,8 +73,6 @@ class TorchPredictor:
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
     path = Path(path)
     if path.suffix == ".onnx":
-        from fopro.export import OnnxPredictor
-
         return OnnxPredictor(path)
     return TorchPredictor.from_checkpoint(path, device)
 

@@ -9,6 +9,7 @@ input scaling/normalisation (uint8 NCHW input) and a softmax inside. Everything 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -19,24 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
 
 from fopro import __version__
-from fopro.checkpoint import CheckpointMeta, build_model, file_sha256, sidecar
+from fopro.checkpoint import CheckpointMeta, file_sha256, sidecar
+from fopro.models.weights import build_model
 from fopro.data import DataOptions, checked_dataset, load_splits
-from fopro.errors import FoproError
+from fopro.errors import FoproError, first_line
 from fopro.io import atomic_path
+from fopro.onnx_model import FORMAT, FORMAT_VERSION, INPUT_LAYOUT, graph_input, open_session, ort_errors, run_batched
 from fopro.preprocess import Preprocess
 from fopro.runtime import ProgressFn, no_progress
 
-FORMAT = "fopro-onnx"
-FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
 MIN_OPSET = 11
 MIN_INT8_OPSET = 13  # per-channel QDQ (axis on QuantizeLinear/DequantizeLinear)
 FP32_MAX_DIFF = 1e-3
-INPUT_LAYOUT = "NCHW"
 CHECK_SPLITS = ("val", "test", "train")
 CALIBRATION_SPLITS = ("train", "val")
 LATENCY_BATCHES = (1, 32)
@@ -115,14 +119,6 @@ class ExportWrapper(nn.Module):
         return torch.softmax(out, dim=1) if self.softmax else out
 
 
-def graph_input(raw: torch.Tensor, preprocess: Preprocess, include_preprocess: bool) -> np.ndarray:
-    """Raw [0, 1] images -> what the exported graph takes: uint8 0-255, or float32 normalised."""
-    raw = preprocess.resize(raw.float())
-    if include_preprocess:
-        return (raw * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    return np.ascontiguousarray(preprocess(raw).numpy().astype(np.float32))
-
-
 def _names(softmax: bool) -> tuple[str, str]:
     return "images", "probabilities" if softmax else "logits"
 
@@ -153,7 +149,7 @@ def _torch_export(wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportO
             )
     except RuntimeError as err:  # OnnxExporterError and UnsupportedOperatorError are RuntimeErrors
         raise FoproError(
-            f"{meta.arch} cannot be exported to ONNX opset {options.opset} ({_first_line(err)}): "
+            f"{meta.arch} cannot be exported to ONNX opset {options.opset} ({first_line(err, 300)}): "
             f"try another --opset (up to {_max_opset()})"
         ) from err
 
@@ -188,8 +184,6 @@ def metadata_props(meta: CheckpointMeta, options: ExportOptions, source: Path, s
 
 
 def _set_metadata(model: Any, props: dict[str, str]) -> None:
-    import onnx
-
     onnx.helper.set_model_props(model, props)
     model.producer_name = "fopro"
     model.producer_version = __version__
@@ -228,46 +222,6 @@ def random_sample(meta: CheckpointMeta, limit: int, seed: int) -> Sample:
     shape = (limit, 3, meta.image_size, meta.image_size)
     images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).float() / 255.0
     return Sample(images, None, f"{limit} seeded random images (no data options given)")
-
-
-# --- onnxruntime -----------------------------------------------------------------------------------
-
-
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented", "RuntimeException")
-    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, OSError, ValueError)
-
-
-def open_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except _ort_errors() as err:
-        raise FoproError(f"{path} cannot be loaded by onnxruntime ({_first_line(err)}): it is not a valid ONNX model; export it again") from err
-
-
-def run_batched(session: Any, feed: np.ndarray, fixed_batch: int | None, chunk: int = 32) -> np.ndarray:
-    """Run `feed` through the session; with a fixed batch the last chunk is padded and trimmed."""
-    name = session.get_inputs()[0].name
-    step = fixed_batch or chunk
-    outputs = []
-    for start in range(0, len(feed), step):
-        part = feed[start : start + step]
-        n = len(part)
-        if fixed_batch and n < fixed_batch:
-            part = np.concatenate([part, np.repeat(part[:1], fixed_batch - n, axis=0)])
-        outputs.append(session.run(None, {name: part})[0][:n])
-    return np.concatenate(outputs).astype(np.float32)
-
-
-def _fixed_batch(session: Any) -> int | None:
-    dim = session.get_inputs()[0].shape[0]
-    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
@@ -337,8 +291,6 @@ def export_onnx(
     The file appears only once it is complete and (with `options.check`) verified: a float32 export that
     disagrees with the PyTorch student raises FoproError and leaves nothing at `out`.
     """
-    import onnx
-
     checkpoint, out = Path(checkpoint), Path(out)
     if out.suffix.lower() != ".onnx":
         raise FoproError(f"--onnx {out} must end in .onnx (fopro eval recognises ONNX models by the suffix)")
@@ -403,7 +355,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(final, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-            raise FoproError(f"the exported {meta.arch} graph fails the ONNX checker ({_first_line(err)}): try another --opset") from err
+            raise FoproError(f"the exported {meta.arch} graph fails the ONNX checker ({first_line(err, 300)}): try another --opset") from err
         try:
             onnx.save(final, str(tmp))
         except OSError as err:
@@ -448,15 +400,12 @@ def _check(path: Path, model: nn.Module, wrapper: ExportWrapper, meta: Checkpoin
 
 def _to_fp16(float_model: Any, meta: CheckpointMeta) -> Any:
     """float16 weights and computation, float32 (or uint8) inputs and outputs."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
     try:
         model = convert_float_to_float16(float_model, keep_io_types=True)
         # the converter appends the input casts at the end of the node list: restore topological order
         OnnxModel.graph_topological_sort(model.graph)
     except (RuntimeError, ValueError) as err:
-        raise FoproError(f"float16 conversion of {meta.arch} failed ({_first_line(err)}): export without --fp16") from err
+        raise FoproError(f"float16 conversion of {meta.arch} failed ({first_line(err, 300)}): export without --fp16") from err
     return model
 
 
@@ -485,11 +434,6 @@ class CalibrationReader:
 
 
 def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample, meta: CheckpointMeta, options: ExportOptions) -> Any:
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
     reader = CalibrationReader(props["input_name"], feed, options.batch)
     int8_path = work / "int8.onnx"
@@ -506,8 +450,8 @@ def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
-    except _ort_errors() as err:
-        raise FoproError(f"int8 quantisation of {meta.arch} failed ({_first_line(err)}): export without --int8, or try --fp16") from err
+    except ort_errors() as err:
+        raise FoproError(f"int8 quantisation of {meta.arch} failed ({first_line(err, 300)}): export without --int8, or try --fp16") from err
     finally:
         root.setLevel(level)
     return onnx.load(str(int8_path))
@@ -515,8 +459,6 @@ def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample
 
 def _int8_accuracy(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:
     """Top-1 agreement of the int8 model with the float model, and both accuracies, on the calibration images."""
-    import onnx
-
     path = work / "int8_check.onnx"
     onnx.save(final, str(path))
     session = open_session(path)
@@ -529,91 +471,3 @@ def _int8_accuracy(final: Any, work: Path, model: nn.Module, meta: CheckpointMet
     accuracy_int8 = float((quantised.argmax(1) == sample.labels).mean())
     result.update(accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, accuracy_change=accuracy_int8 - accuracy_float)
     return result
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
-
-
-# --- loading an exported model ---------------------------------------------------------------------
-
-
-def read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
-    """Parse and validate the fopro metadata of an .onnx file."""
-    if raw.get("format") != FORMAT:
-        raise FoproError(
-            f"{path} has no fopro metadata (metadata_props 'format' is {raw.get('format')!r}): "
-            "export the model with `fopro export CHECKPOINT --onnx OUT.onnx`"
-        )
-
-    def get(key: str) -> Any:
-        if key not in raw:
-            raise FoproError(f"{path}: the fopro metadata lacks '{key}': export the model again with fopro")
-        try:
-            return json.loads(raw[key])
-        except json.JSONDecodeError as err:
-            raise FoproError(f"{path}: the fopro metadata '{key}' is not valid JSON: export the model again with fopro") from err
-
-    version = get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FoproError(f"{path}: fopro ONNX format version {version!r} is not supported by fopro {__version__}: update fopro")
-    classes = get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        raise FoproError(f"{path}: the fopro metadata 'classes' must be a non-empty list of names: export the model again")
-    size = get("image_size")
-    mean, std = get("mean"), get("std")
-    if not isinstance(size, int) or size <= 0:
-        raise FoproError(f"{path}: the fopro metadata 'image_size' must be a positive integer: export the model again")
-    for key, values in (("mean", mean), ("std", std)):
-        if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
-            raise FoproError(f"{path}: the fopro metadata '{key}' must be a list of 3 numbers: export the model again")
-    counts = get("train_counts")
-    if counts is not None and (not isinstance(counts, list) or len(counts) != len(classes)):
-        raise FoproError(f"{path}: the fopro metadata 'train_counts' must list one count per class: export the model again")
-    return {
-        "classes": classes,
-        "image_size": size,
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "preprocess_included": bool(get("preprocess_included")),
-        "softmax_included": bool(get("softmax_included")),
-        "train_counts": None if counts is None else [int(c) for c in counts],
-        "arch": raw.get("arch", "?"),
-        "precision": raw.get("precision", "fp32"),
-    }
-
-
-class OnnxPredictor:
-    """A `fopro.evaluate.Predictor` over an exported .onnx file, run by onnxruntime on the CPU."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise FoproError(f"{path} does not exist: give an .onnx file written by `fopro export`")
-        self.path = path
-        self.session = open_session(path)
-        self.meta = read_metadata(path, self.session.get_modelmeta().custom_metadata_map)
-        self.classes: list[str] = self.meta["classes"]
-        self.train_counts: list[int] | None = self.meta["train_counts"]
-        self.preprocess = Preprocess(self.meta["image_size"], tuple(self.meta["mean"]), tuple(self.meta["std"]))
-        self.batch = _fixed_batch(self.session)
-        outputs = self.session.get_outputs()[0].shape
-        if len(outputs) != 2 or (isinstance(outputs[1], int) and outputs[1] != len(self.classes)):
-            raise FoproError(f"{path}: the graph's output {outputs} does not match the {len(self.classes)} classes of its metadata")
-        inside = [name for name, key in (("preprocessing", "preprocess_included"), ("softmax", "softmax_included")) if self.meta[key]]
-        self.description = (
-            f"ONNX model {path} ({self.meta['arch']}, {self.meta['precision']}"
-            + (f", with {' and '.join(inside)} inside" if inside else "")
-            + ")"
-        )
-
-    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
-        feed = graph_input(images.cpu(), self.preprocess, self.meta["preprocess_included"])
-        try:
-            out = run_batched(self.session, feed, self.batch)
-        except _ort_errors() as err:
-            raise FoproError(f"{self.path} failed to run ({_first_line(err)}): export the model again") from err
-        if self.meta["softmax_included"]:
-            return out
-        return torch.softmax(torch.from_numpy(out).float(), dim=1).numpy()

@@ -37,6 +37,7 @@ from fopro.methods import Method, build_method
 from fopro.metrics import compute_metrics
 from fopro.models import Teacher, create_student, load_teacher
 from fopro.preprocess import Preprocess
+from fopro.probe.file import band_gains_from_probe
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor, set_step_schedule, step_seed, unlabeled_batches
 from fopro.state import load_state, save_state
@@ -183,8 +184,6 @@ def config_warnings(config: DistillConfig, augmentation: AugmentConfig) -> list[
 def build_fpg(config: DistillConfig) -> FourierPromptGenerator:
     fpg = FourierPromptGenerator(config.image_size, mode=config.fpg_mode, strength=config.fpg_strength, hidden=config.fpg_hidden)
     if config.probe_init:
-        from fopro.probe import band_gains_from_probe
-
         edges, gains = band_gains_from_probe(Path(config.probe_init))
         fpg.init_from_band_gains(edges, gains)
     return fpg

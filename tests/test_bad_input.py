@@ -484,6 +484,13 @@ def test_case_ids_are_unique_and_every_kind_is_covered() -> None:
     assert set(CASES_PER_KIND) == {"data", "options", "models", "outputs"}
 
 
+def test_the_readme_quotes_the_number_of_cases() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"**Bad input: {len(CASES)} cases**" in readme
+    for kind, number in CASES_PER_KIND.items():
+        assert re.search(rf"{number} {kind[:-1] if kind != 'data' else kind} cases", readme), (kind, number)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{case.kind}:{case.id}" for case in CASES])
 def test_bad_input_gives_one_clear_line(case: Case, shared: Shared, tmp_path: Path, runner: CliRunner) -> None:
     args, names = case.build(shared, tmp_path)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fopro import __version__
-from fopro.checkpoint import CheckpointMeta, build_model, file_sha256, load_checkpoint, load_meta, save_checkpoint, sidecar
+from fopro.checkpoint import CheckpointMeta, file_sha256, load_checkpoint, load_meta, save_checkpoint, sidecar
+from fopro.models.weights import build_model
 from fopro.errors import FoproError
 from helpers import one_line as _one_line, tiny_checkpoint
 

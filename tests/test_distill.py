@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fopro.checkpoint import build_model, load_checkpoint
+from fopro.checkpoint import load_checkpoint
+from fopro.models.weights import build_model
 from fopro.cli import app
 from fopro.config import DistillConfig, read_config_file, resolve_config
 from fopro.distill import distill

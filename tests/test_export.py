@@ -19,12 +19,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fopro.checkpoint import CheckpointMeta, build_model, file_sha256, save_checkpoint, sidecar
+from fopro.checkpoint import CheckpointMeta, file_sha256, save_checkpoint, sidecar
+from fopro.models.weights import build_model
 from fopro.cli import app
 from fopro.data import DataOptions
 from fopro.errors import FoproError
 from fopro.evaluate import load_predictor
-from fopro.export import ExportOptions, OnnxPredictor, export_onnx
+from fopro.export import ExportOptions, export_onnx
+from fopro.onnx_model import OnnxPredictor
 
 CLASSES = ["akiec", "bcc", "mel"]
 SIZE = 32

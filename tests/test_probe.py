@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-import fopro.probe as probe_module
+import fopro.probe.fpg_report as fpg_report
+import fopro.probe.frequency as frequency_probe
 from fopro.cli import app
 from fopro.config import DistillConfig
 from fopro.data import DataOptions
@@ -26,19 +27,10 @@ from fopro.fourier import band_edges, band_masks, scale_band, symmetrize
 from fopro.fpg import FourierPromptGenerator
 from fopro.models.teacher import Teacher, TeacherOptions
 from fopro.preprocess import Preprocess
-from fopro.probe import (
-    ProbeOptions,
-    band_gains_from_probe,
-    check_options,
-    cross_val_predictions,
-    discriminability,
-    knn_neighbours,
-    load_run_fpg,
-    probe_fpg,
-    probe_transform,
-    run_probe,
-    stratified_folds,
-)
+from fopro.probe.crossval import cross_val_predictions, discriminability, knn_neighbours, stratified_folds
+from fopro.probe.file import band_gains_from_probe
+from fopro.probe.fpg_report import load_run_fpg, probe_fpg
+from fopro.probe.frequency import ProbeOptions, check_options, probe_transform, run_probe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 S = 32
@@ -79,18 +71,18 @@ def synth(tmp_path_factory) -> Path:
 def probed(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
     calls = []
-    original = probe_module.scale_band
+    original = frequency_probe.scale_band
 
     def spy(x, edges, band, gain):
         calls.append((tuple(map(tuple, edges)), band, gain))
         return original(x, edges, band, gain)
 
-    probe_module.scale_band = spy
+    frequency_probe.scale_band = spy
     try:
         result = run_probe(TeacherOptions("hand-made"), DataOptions(data=synth), ProbeOptions(bands=2, gains="0,1,2"),
                            out_dir=out, teacher=hand_teacher())
     finally:
-        probe_module.scale_band = original
+        frequency_probe.scale_band = original
     return result, out, calls
 
 
@@ -380,7 +372,7 @@ def test_band_gains_from_probe(tmp_path):
     fpg = FourierPromptGenerator(S, mode="dataset", strength=0.5)
     fpg.init_from_band_gains(edges, gains)
     x = torch.rand(1, 3, S, S)
-    profile = probe_module.radial_profile(fpg.mean_mask(x), edges)
+    profile = fpg_report.radial_profile(fpg.mean_mask(x), edges)
     assert profile[0] > 1.4 and profile[1] < 0.6 and profile[2] == pytest.approx(1.0)
     with pytest.raises(FoproError, match="--probe-init"):
         band_gains_from_probe(tmp_path / "missing.json")

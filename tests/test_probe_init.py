@@ -11,7 +11,7 @@ from fopro.config import DistillConfig
 from fopro.data import DataOptions
 from fopro.fourier import band_gain_mask
 from fopro.models.teacher import TeacherOptions
-from fopro.probe import ProbeOptions, run_probe
+from fopro.probe.frequency import ProbeOptions, run_probe
 from fopro.train import build_fpg, train
 
 

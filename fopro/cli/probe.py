@@ -15,7 +15,8 @@ from fopro.data import DataOptions
 from fopro.data.augment import DEFAULT_PRESET, PRESET_HELP
 from fopro.errors import FoproError
 from fopro.models.teacher import TeacherOptions
-from fopro.probe import ProbeOptions, linear_probe_line, probe_fpg, run_probe
+from fopro.probe.fpg_report import probe_fpg
+from fopro.probe.frequency import ProbeOptions, linear_probe_line, run_probe
 
 AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
-from fopro.checkpoint import build_model, sidecar
+from fopro.checkpoint import sidecar
 from fopro.errors import FoproError
 from fopro.preprocess import Preprocess
-from fopro.models.weights import check_input_size, create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
+from fopro.models.weights import build_model, check_input_size, create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
 
 
 @dataclass
@@ -117,8 +118,6 @@ def teacher_image_size(name: str, requested: int | None, default: int) -> tuple[
 
 
 def _patch_of(name: str) -> int | None:
-    import timm
-
     if not timm.is_model(name):
         return None
     cfg = timm.get_pretrained_cfg(name)

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from fopro.errors import FoproError
+from fopro.checkpoint import CheckpointMeta, load_checkpoint, sidecar
+from fopro.errors import FoproError, first_line
 
 MAX_LISTED = 3
 # Wrappers around a model's state_dict in common checkpoint files, tried in this order.
@@ -35,7 +36,7 @@ def read_state_dict(path: str | Path, option: str = "--teacher-weights") -> dict
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise FoproError(f"{path} is not a valid safetensors file ({_first_line(err)}): the file may be corrupted; copy it again") from err
+            raise FoproError(f"{path} is not a valid safetensors file ({first_line(err)}): the file may be corrupted; copy it again") from err
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols: noise next to the one-line error
             warnings.filterwarnings("ignore", message=".*weights_only.*", category=UserWarning)
@@ -46,7 +47,7 @@ def read_state_dict(path: str | Path, option: str = "--teacher-weights") -> dict
             "convert it to safetensors (or a plain state_dict) in a trusted environment"
         ) from err
     except Exception as err:  # corrupt pickles raise assorted errors (IndexError, KeyError, RuntimeError, EOFError...)
-        raise FoproError(f"{path} is not a readable PyTorch weights file ({_first_line(err)}): check the file") from err
+        raise FoproError(f"{path} is not a readable PyTorch weights file ({first_line(err)}): check the file") from err
     return _unwrap(loaded, path)
 
 
@@ -58,12 +59,7 @@ def _refusal_reason(err: BaseException) -> str:
     if found:
         return f"it imports {found.group(1)}"
     found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return found.group(1).strip()[:200] if found else _first_line(Exception(text))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    return found.group(1).strip()[:200] if found else first_line(Exception(text))
 
 
 def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +109,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         try:
             state_dict = filter_fn(state_dict, model)
         except Exception as err:  # timm filters raise assorted errors on foreign layouts
-            raise FoproError(f"{source} does not fit {_arch(model)}: {_first_line(err)}") from err
+            raise FoproError(f"{source} does not fit {_arch(model)}: {first_line(err)}") from err
     heads = classifier_prefixes(model)
     if not keep_classifier:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
@@ -162,10 +158,10 @@ def create_timm_model(name: str, num_classes: int, image_size: int | None, optio
     except Exception as err:  # hub and model-constructor failures come in many types
         if pretrained:
             raise FoproError(
-                f"cannot get the pretrained weights of {name} ({_first_line(err)}): offline machines need a local "
+                f"cannot get the pretrained weights of {name} ({first_line(err)}): offline machines need a local "
                 "file: download it elsewhere and pass it with the weights option"
             ) from err
-        raise FoproError(f"cannot build {option} {name}: {_first_line(err)}") from err
+        raise FoproError(f"cannot build {option} {name}: {first_line(err)}") from err
 
 
 def patch_size(model: nn.Module) -> int | None:
@@ -191,7 +187,7 @@ def forward_error(model: nn.Module, size: int) -> str | None:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
     except Exception as err:  # layers fail on too-small inputs with assorted errors (RuntimeError, ValueError, AssertionError)
-        return _first_line(err)
+        return first_line(err)
     finally:
         model.train(was_training)
     return None
@@ -208,3 +204,29 @@ def check_input_size(model: nn.Module, size: int) -> tuple[str, int | None] | No
     fixed = bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"))
     larger = () if fixed else [s for s in CANDIDATE_SIZES if s > size]
     return error, next((s for s in larger if forward_error(model, s) is None), None)
+
+
+# --- fopro checkpoints -------------------------------------------------------------------------------
+
+
+def build_model(path: str | Path, head: bool = True) -> tuple[nn.Module, CheckpointMeta]:
+    """The timm model of a checkpoint with its weights; with head=False the classifier is removed."""
+    state_dict, meta = load_checkpoint(path)
+    weights_path, meta_path = sidecar(path)
+    model = create_timm_model(meta.arch, meta.num_classes, meta.image_size, option=f"{meta_path} arch")
+    check_head(model, state_dict, meta, str(meta_path))
+    load_weights(model, state_dict, str(weights_path), keep_classifier=True)
+    if not head:
+        model.reset_classifier(0)
+    model.eval()
+    return model, meta
+
+
+def check_head(model: nn.Module, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, source: str) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    name = names.get(id(getattr(model.get_classifier(), "weight", None)))
+    if name and name in state_dict and state_dict[name].shape[0] != meta.num_classes:
+        raise FoproError(
+            f"{source} lists {meta.num_classes} classes but the weights' classifier has {state_dict[name].shape[0]} outputs: "
+            "the JSON does not belong to these weights"
+        )

@@ -1,4 +1,4 @@
-"""`fopro probe`: a frozen teacher's frequency preferences on the user's data, and what a learned FPG does.
+"""`fopro probe`: a frozen teacher's frequency preferences on the user's data.
 
 The probe (``run_probe``)
     Radial bands over the normalised frequency radius (fraction of Nyquist, see :mod:`fopro.fourier`) split
@@ -36,16 +36,13 @@ The linear probe (``run_probe``, unless ``linear=False``): how much the teacher 
     ``--split train`` (it would be scored on its own training images) or a class without training image
     (the last three with a note saying why). Readers must not require it (older probe.json files lack it).
 
-The learned FPG (``probe_fpg``)
-    Loads ``RUN_DIR/fpg.safetensors`` with ``RUN_DIR/config.json``, averages its mask over the probed images
-    (2-D, and its radial profile: the mean mask per band) and compares it with an earlier probe's preference.
-
-``band_gains_from_probe`` turns a probe.json into per-band gains for ``fopro distill --probe-init``.
+The learned FPG's report is in :mod:`fopro.probe.fpg_report`, the probe.json contract in :mod:`fopro.probe.file`,
+the cross-validation kernel in :mod:`fopro.probe.crossval`.
 """
+
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,42 +56,43 @@ from fopro.data import DataOptions, Manifest, checked_dataset, load_splits
 from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, resolve_augment
 from fopro.data.sources import SPLITS
 from fopro.errors import FoproError
-from fopro.fourier import amplitude_phase, band_edges, band_masks, fftshift2, scale_band
-from fopro.fpg import FourierPromptGenerator
+from fopro.fourier import amplitude_phase, band_edges, band_masks, scale_band
 from fopro.io import write_json
 from fopro.linear_probe import LinearProbeOptions, teacher_probe
-from fopro.metrics import assign_group, confusion_matrix, group_definitions, per_class_recall
+from fopro.metrics import assign_group, group_definitions
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
+from fopro.plots import plot_probe
+from fopro.probe.crossval import (
+    discriminability,
+    fold_count,
+    knn_neighbours,
+    mean_cosine,
+    paired_standard_error,
+    stratified_folds,
+)
+from fopro.probe.file import DEFAULT_MIN_EFFECT, FORMAT, band_summary, delta_of, effect_threshold, suggested_gain
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
-__all__ = [
-    "ProbeOptions",
-    "run_probe",
-    "probe_fpg",
-    "load_run_fpg",
-    "read_run_config",
-    "band_gains_from_probe",
-    "parse_bands",
-    "parse_gains",
-    "probe_transform",
-    "stratified_folds",
-    "knn_neighbours",
-    "cross_val_predictions",
-    "discriminability",
-    "linear_probe_line",
-]
 
-FORMAT = "fopro-probe/1"
 FPG_FORMAT = "fopro-probe-fpg/1"
 DEFAULT_GAINS = (0.0, 0.5, 2.0)
+
+
+DEFAULT_GAINS = (0.0, 0.5, 2.0)
+MAX_BANDS = 64
+
+
 MAX_BANDS = 64
 MAX_GAIN = 100.0
+
+
+MAX_GAIN = 100.0
+MAX_DEFAULT_IMAGE_SIZE = 224
+
+
 MAX_DEFAULT_IMAGE_SIZE = 224
 MIN_DEFAULT_IMAGE_SIZE = 16
-#: |mean mask - 1| below this counts as "unchanged" in the FPG's radial profile.
-UNCHANGED_TOLERANCE = 0.01
-RUN_CONFIG = "config.json"
-RUN_FPG = "fpg.safetensors"
+
 
 
 @dataclass
@@ -113,13 +111,11 @@ class ProbeOptions:
     tail_threshold: int = 20
     folds: int = 5
     neighbours: int = 5
-    min_effect: float = 0.01
+    min_effect: float = DEFAULT_MIN_EFFECT
     linear: bool = True
     linear_views: int = 4
     augment: str = DEFAULT_PRESET
 
-
-# ---------------------------------------------------------------------------------------------- options
 
 
 def parse_bands(value: int | str) -> int:
@@ -131,6 +127,7 @@ def parse_bands(value: int | str) -> int:
     if not 1 <= bands <= MAX_BANDS:
         raise FoproError(f"--bands must be between 1 and {MAX_BANDS} (got {bands}); pass e.g. --bands 8")
     return bands
+
 
 
 def parse_gains(value: Sequence[float] | str) -> list[float]:
@@ -156,6 +153,7 @@ def parse_gains(value: Sequence[float] | str) -> list[float]:
     return sorted(set(gains))
 
 
+
 def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], list[float]]:
     """Validate the options; return the band edges and the gains."""
     if options.split not in SPLITS:
@@ -175,9 +173,11 @@ def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], lis
     return edges, gains
 
 
+
 def linear_options(options: ProbeOptions) -> LinearProbeOptions:
     """The linear probe's options: ``linear_views`` views, the probe's seed, the other values at their defaults."""
     return LinearProbeOptions(views=options.linear_views, seed=options.seed)
+
 
 
 def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> None:
@@ -193,14 +193,13 @@ def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> N
             )
 
 
-# ---------------------------------------------------------------------------------------------- images
-
 
 def probe_transform(x: torch.Tensor, edges: Sequence[Sequence[float]], band: int, gain: float) -> torch.Tensor:
     """The probe's image transform: ``fourier.scale_band``; gain 1 returns ``x`` itself (the clean image)."""
     if float(gain) == 1.0:
         return x
     return scale_band(x, edges, band, float(gain))
+
 
 
 def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[int]:
@@ -215,6 +214,7 @@ def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[i
     return sorted(keep)
 
 
+
 def native_image_size(manifest: Manifest) -> int:
     """The shorter side of the split's first readable image, within [16, 224] (the default probe size)."""
     for path in manifest.paths[:5]:
@@ -227,6 +227,7 @@ def native_image_size(manifest: Manifest) -> int:
     return MAX_DEFAULT_IMAGE_SIZE
 
 
+
 def load_probe_images(
     manifest: Manifest, size: int, options: ProbeOptions, skip_bad_images: bool
 ) -> tuple[torch.Tensor, np.ndarray, Manifest]:
@@ -237,6 +238,7 @@ def load_probe_images(
         raise FoproError(f"no readable image in the {manifest.split} split: check the data or pick another --split")
     images = torch.stack([dataset.raw(i) for i in range(len(dataset))])
     return images, np.asarray(dataset.manifest.labels, dtype=np.int64), dataset.manifest
+
 
 
 def drop_tiny_classes(images: torch.Tensor, labels: np.ndarray, classes: list[str], split: str) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -255,6 +257,7 @@ def drop_tiny_classes(images: torch.Tensor, labels: np.ndarray, classes: list[st
     return images, labels, notes
 
 
+
 def band_energy(images: torch.Tensor, edges: Sequence[Sequence[float]], batch_size: int) -> list[float]:
     """Fraction of the spectral energy (|fft2|^2, DC term excluded, all channels) in each band, over all images."""
     size = images.shape[-1]
@@ -268,8 +271,6 @@ def band_energy(images: torch.Tensor, edges: Sequence[Sequence[float]], batch_si
     denominator = float(total.sum())
     return [float(v) / denominator if denominator > 0 else 0.0 for v in total]
 
-
-# ---------------------------------------------------------------------------------------------- embeddings
 
 
 @torch.no_grad()
@@ -290,137 +291,6 @@ def embed(
     return np.concatenate(outputs)
 
 
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over rows of cos(a_i, b_i)."""
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
-
-
-# ---------------------------------------------------------------------------------------------- classifiers
-
-
-def stratified_folds(labels: Sequence[int], n_folds: int, seed: int) -> np.ndarray:
-    """Fold id per sample: each class's images shuffled (``default_rng(seed)``) and dealt round-robin.
-
-    The dealing continues from class to class so that fold sizes differ by at most one.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(labels), dtype=np.int64)
-    offset = 0
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        folds[members] = (np.arange(len(members)) + offset) % n_folds
-        offset += len(members)
-    return folds
-
-
-def fold_count(labels: np.ndarray, folds: int) -> int:
-    """min(``folds``, the smallest class's count), at least 2."""
-    present = np.bincount(labels)
-    return max(2, min(folds, int(present[present > 0].min())))
-
-
-def knn_neighbours(labels: np.ndarray, n_folds: int, neighbours: int) -> int:
-    """k for k-NN: ``neighbours``, or fewer so that k never exceeds the smallest class's training images in a fold."""
-    present = np.bincount(labels)
-    smallest = int(present[present > 0].min())
-    return max(1, min(neighbours, smallest - math.ceil(smallest / n_folds)))
-
-
-def cl2n(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre both on the training mean, then L2-normalise each row."""
-    mean = train.mean(axis=0, keepdims=True)
-
-    def normalise(x: np.ndarray) -> np.ndarray:
-        x = x - mean
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    return normalise(train), normalise(test)
-
-
-def ncm_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """The class whose training mean is nearest (Euclidean); ties go to the lowest class index."""
-    classes = np.unique(train_labels)
-    means = np.stack([train[train_labels == c].mean(axis=0) for c in classes])
-    distances = ((test[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
-    return classes[np.argmin(distances, axis=1)]
-
-
-def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
-    """Majority class of the k most cosine-similar training rows; ties go to the lowest class index."""
-    classes = np.unique(train_labels)
-    similarity = test @ train.T / np.maximum(
-        np.linalg.norm(test, axis=1, keepdims=True) * np.linalg.norm(train, axis=1)[None, :], 1e-12
-    )
-    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-    index = np.searchsorted(classes, train_labels[nearest])
-    votes = np.zeros((len(test), len(classes)), dtype=np.int64)
-    np.add.at(votes, (np.arange(len(test))[:, None], index), 1)
-    return classes[np.argmax(votes, axis=1)]
-
-
-def cross_val_predictions(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, method: str, k: int = 5) -> np.ndarray:
-    """Out-of-fold predictions of "ncm" or "knn" on CL2N embeddings (statistics from the training folds only)."""
-    predictions = np.empty(len(labels), dtype=np.int64)
-    for fold in np.unique(folds):
-        test, train = folds == fold, folds != fold
-        x_train, x_test = cl2n(embeddings[train], embeddings[test])
-        if method == "ncm":
-            predictions[test] = ncm_predict(x_train, labels[train], x_test)
-        else:
-            predictions[test] = knn_predict(x_train, labels[train], x_test, k)
-    return predictions
-
-
-def _balanced(labels: np.ndarray, predictions: np.ndarray, num_classes: int, subset: list[int] | None) -> tuple[float | None, list[float | None]]:
-    recalls = per_class_recall(confusion_matrix(labels, predictions, num_classes))
-    chosen = range(num_classes) if subset is None else subset
-    defined = [recalls[c] for c in chosen if recalls[c] is not None]
-    return (float(np.mean(defined)) if defined else None), recalls
-
-
-def discriminability(
-    embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int, num_classes: int, tail: list[int] | None
-) -> dict:
-    """NCM and k-NN balanced accuracy (overall and on the ``tail`` classes) and NCM per-class recall.
-
-    ``_correct`` (NCM right or wrong per image) is for the paired standard errors; it is not reported.
-    """
-    ncm = cross_val_predictions(embeddings, labels, folds, "ncm")
-    knn = cross_val_predictions(embeddings, labels, folds, "knn", k)
-    balanced, recalls = _balanced(labels, ncm, num_classes, None)
-    knn_balanced, _ = _balanced(labels, knn, num_classes, None)
-    return {
-        "balanced_accuracy": balanced,
-        "tail_balanced_accuracy": _balanced(labels, ncm, num_classes, tail)[0] if tail else None,
-        "knn_balanced_accuracy": knn_balanced,
-        "knn_tail_balanced_accuracy": _balanced(labels, knn, num_classes, tail)[0] if tail else None,
-        "per_class_recall": recalls,
-        "_correct": ncm == labels,
-    }
-
-
-def paired_standard_error(labels: np.ndarray, before: np.ndarray, after: np.ndarray, classes: Sequence[int] | None) -> float | None:
-    """Standard error of the change in balanced accuracy from ``before`` to ``after`` (per-image correctness).
-
-    Balanced accuracy is the mean over classes of per-class accuracy, so its paired change is
-    ``mean_c mean_{i in c} d_i`` with ``d_i = after_i - before_i`` and variance ``sum_c var(d | c) / n_c / C^2``.
-    """
-    chosen = sorted(set(labels.tolist())) if classes is None else list(classes)
-    if not chosen:
-        return None
-    diff = after.astype(np.float64) - before.astype(np.float64)
-    variance = 0.0
-    for c in chosen:
-        d = diff[labels == c]
-        if len(d) > 1:
-            variance += float(d.var(ddof=1)) / len(d)
-    return math.sqrt(variance) / len(chosen)
-
-
-# ---------------------------------------------------------------------------------------------- tail classes
-
 
 def tail_classes(splits: Any, classes: list[str], probed: list[int], options: ProbeOptions) -> tuple[dict, list[str]]:
     """The tail classes by TRAINING counts; null (with a note) without a train split or tail class probed."""
@@ -440,46 +310,6 @@ def tail_classes(splits: Any, classes: list[str], probed: list[int], options: Pr
         notes.append(f"no probed class is a tail class ({definition}, --tail-threshold): the tail metrics are null")
     return info, notes
 
-
-# ---------------------------------------------------------------------------------------------- preference
-
-
-def _delta(value: float | None, reference: float | None) -> float | None:
-    return None if value is None or reference is None else float(value - reference)
-
-
-def _entry(row: dict | None) -> dict | None:
-    if row is None:
-        return None
-    return {"gain": row["gain"], "delta": row["delta_balanced_accuracy"], "se": row.get("se_delta_balanced_accuracy"),
-            "tail_delta": row.get("delta_tail_balanced_accuracy"), "knn_delta": row.get("delta_knn_balanced_accuracy"),
-            "cosine": row.get("cosine")}
-
-
-def effect_threshold(entry: dict, min_effect: float) -> float:
-    """An effect counts when |delta| exceeds max(min_effect, 2 standard errors of the paired difference)."""
-    return max(min_effect, 2.0 * (entry.get("se") or 0.0))
-
-
-def band_summary(results: list[dict], band: int) -> dict:
-    """For one band: the best amplifying gain (> 1), the removal (smallest gain < 1) and the best diminishing gain (< 1)."""
-    rows = [r for r in results if r["band"] == band and r["delta_balanced_accuracy"] is not None]
-    up = [r for r in rows if r["gain"] > 1]
-    down = [r for r in rows if r["gain"] < 1]
-    best = lambda candidates: max(candidates, key=lambda r: (r["delta_balanced_accuracy"], -abs(r["gain"] - 1)), default=None)  # noqa: E731
-    return {
-        "amplify": _entry(best(up)),
-        "remove": _entry(min(down, key=lambda r: r["gain"], default=None)),
-        "diminish": _entry(best(down)),
-    }
-
-
-def suggested_gain(summary: dict, min_effect: float) -> float:
-    """The rule of :func:`band_gains_from_probe` for one band (see there)."""
-    helps = [e for e in (summary["amplify"], summary["diminish"]) if e is not None and e["delta"] > effect_threshold(e, min_effect)]
-    if not helps:
-        return 1.0
-    return float(max(helps, key=lambda e: e["delta"])["gain"])
 
 
 def preference(results: list[dict], edges: Sequence[Sequence[float]], min_effect: float) -> dict:
@@ -510,13 +340,16 @@ def preference(results: list[dict], edges: Sequence[Sequence[float]], min_effect
     }
 
 
+
 def _band_text(entry: dict) -> str:
     low, high = entry["range"]
     return f"band {entry['band']} ({low:.2f}-{high:.2f} of Nyquist)"
 
 
+
 def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}"
+
 
 
 def verdict_line(teacher: str, clean: dict, pref: dict, gains: list[float]) -> str:
@@ -543,8 +376,6 @@ def verdict_line(teacher: str, clean: dict, pref: dict, gains: list[float]) -> s
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------- the probe
-
 
 def _load_data(data_options: DataOptions, split: str) -> tuple[Any, Manifest]:
     wanted = tuple(dict.fromkeys((split, "train")))
@@ -553,15 +384,17 @@ def _load_data(data_options: DataOptions, split: str) -> tuple[Any, Manifest]:
     return splits, manifest
 
 
+
 def _condition(base: dict, clean: dict, clean_embeddings: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
                tail: list[int] | None) -> dict:
     row = {**base, "cosine": mean_cosine(clean_embeddings, embeddings)}
     for key in ("balanced_accuracy", "tail_balanced_accuracy", "knn_balanced_accuracy", "knn_tail_balanced_accuracy"):
-        row[f"delta_{key}"] = _delta(base[key], clean[key])
+        row[f"delta_{key}"] = delta_of(base[key], clean[key])
     before, after = clean["_correct"], row.pop("_correct")
     row["se_delta_balanced_accuracy"] = paired_standard_error(labels, before, after, None)
     row["se_delta_tail_balanced_accuracy"] = paired_standard_error(labels, before, after, tail) if tail else None
     return row
+
 
 
 @dataclass
@@ -577,6 +410,7 @@ class _Probed:
     device: torch.device
     notes: list[str]
     splits: Any = None
+
 
 
 def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options: ProbeOptions,
@@ -599,6 +433,7 @@ def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options
     probed = sorted(int(c) for c in np.unique(labels))
     tail, tail_notes = tail_classes(splits, splits.classes, probed, options)
     return _Probed(teacher.to(device), images, labels, splits.classes, probed, tail, device, notes + tail_notes, splits)
+
 
 
 def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: list[float], options: ProbeOptions,
@@ -640,6 +475,7 @@ def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: li
     return {key: value for key, value in clean.items() if key != "_correct"}, results, evaluation
 
 
+
 def _extra_notes(clean: dict, gains: list[float], num_probed: int, min_effect: float) -> list[str]:
     notes = []
     if 1.0 in gains:
@@ -650,6 +486,7 @@ def _extra_notes(clean: dict, gains: list[float], num_probed: int, min_effect: f
                      f"({100 * chance:.0f}%): the teacher's embeddings do not separate these classes, so its "
                      "band preferences say little (is it a pretrained teacher?)")
     return notes
+
 
 
 def _linear_skip_reason(data: _Probed, options: ProbeOptions) -> str | None:
@@ -665,6 +502,7 @@ def _linear_skip_reason(data: _Probed, options: ProbeOptions) -> str | None:
         return (f"class(es) {', '.join(empty)} have no training image: no linear probe (balanced softmax needs "
                 "every class in the train split)")
     return None
+
 
 
 def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOptions,
@@ -717,6 +555,7 @@ def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOpt
     return result, notes
 
 
+
 def linear_probe_line(linear: dict) -> str:
     """One line: e.g. "linear probe (trained on train, 4 augmented views): val balanced accuracy 84.2%, ..."."""
     views, plural = linear["views"], "s" if linear["views"] > 1 else ""
@@ -726,6 +565,7 @@ def linear_probe_line(linear: dict) -> str:
     return (f"linear probe (trained on {linear['trained_on']}, {how}): {linear['evaluated_on']} balanced accuracy "
             f"{percent(linear['balanced_accuracy'])}, tail recall {percent(linear['tail_recall'])}, "
             f"macro-F1 {percent(linear['macro_f1'])}")
+
 
 
 def run_probe(
@@ -782,257 +622,16 @@ def run_probe(
     return result
 
 
+
 def _named_recalls(scores: dict, classes: list[str], probed: list[int]) -> dict:
     recalls = scores["per_class_recall"]
     return {**scores, "per_class_recall": {classes[c]: recalls[c] for c in probed}}
 
 
+
 def write_probe(result: dict, out_dir: Path) -> dict[str, Path]:
     """probe.json and probe.png in ``out_dir``, each written atomically."""
-    from fopro.plots import plot_probe
-
     files = {"json": out_dir / "probe.json", "plot": out_dir / "probe.png"}
     write_json(files["json"], result)
     plot_probe(result, files["plot"])
-    return files
-
-
-# ---------------------------------------------------------------------------------------------- probe.json -> gains
-
-
-def read_probe_json(path: str | Path, option: str = "--probe-json") -> dict:
-    """A probe.json written by ``fopro probe``, checked for the keys used here."""
-    path = Path(path)
-    if not path.is_file():
-        raise FoproError(f"{option} {path} does not exist: give the probe.json written by `fopro probe --out DIR`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FoproError(f"{option} {path} is not valid JSON ({err}): give the probe.json written by `fopro probe`") from err
-    if not isinstance(data, dict) or not all(k in data for k in ("bands", "gains", "results")):
-        raise FoproError(f"{option} {path} is not a probe.json (needs 'bands', 'gains' and 'results'): run `fopro probe --out DIR`")
-    try:
-        data["bands"] = [(float(lo), float(hi)) for lo, hi in data["bands"]]
-        for row in data["results"]:
-            row["band"], row["gain"] = int(row["band"]), float(row["gain"])
-            delta = row["delta_balanced_accuracy"]
-            row["delta_balanced_accuracy"] = None if delta is None else float(delta)
-    except (TypeError, ValueError, KeyError) as err:
-        raise FoproError(f"{option} {path} has malformed bands or results ({err}): write it again with `fopro probe`") from err
-    return data
-
-
-def band_gains_from_probe(probe_json_path: str | Path, n_bands: int | None = None) -> tuple[list[tuple[float, float]], list[float]]:
-    """Per-band gains for ``FourierPromptGenerator.init_from_band_gains`` from a probe.json.
-
-    The rule, per probed band, on the NCM balanced accuracy (``delta_balanced_accuracy``, change vs clean):
-    take the best amplifying gain (> 1) and the best diminishing gain (< 1, removal included); of those whose
-    gain beats the noise (delta > max(``min_effect``, 2 x its standard error ``se_delta_balanced_accuracy``)),
-    the band takes the probed gain with the larger delta (> 1 where amplification helped most, < 1 where
-    removing/diminishing did); otherwise 1 (leave the band alone: removal that only HURTS says the teacher
-    needs the band, not that it should be amplified). The FPG clips gains into [1 - 0.95 s, 1 + 0.95 s].
-
-    With ``n_bands`` different from the probe's, bands are rebuilt with ``band_edges(n_bands, log)`` (the
-    probe's spacing) and each new band takes the gain of the probe band holding its centre.
-    """
-    data = read_probe_json(probe_json_path, option="--probe-init")
-    edges = data["bands"]
-    min_effect = float((data.get("preference") or {}).get("min_effect", ProbeOptions.min_effect))
-    gains = [suggested_gain(band_summary(data["results"], band), min_effect) for band in range(len(edges))]
-    if n_bands is None or n_bands == len(edges):
-        return edges, gains
-    new_edges = band_edges(parse_bands(n_bands), log=bool(data.get("log_bands", False)))
-    new_gains = []
-    for low, high in new_edges:
-        centre = (low + high) / 2
-        source = next((i for i, (lo, hi) in enumerate(edges) if lo <= centre < hi), len(edges) - 1)
-        new_gains.append(gains[source])
-    return new_edges, new_gains
-
-
-# ---------------------------------------------------------------------------------------------- learned FPG
-
-
-def read_run_config(run_dir: str | Path) -> dict:
-    """The FPG facts of a `fopro distill` run (its RUN_DIR/config.json): ``fpg`` (mode, strength, hidden),
-    ``image_size`` and ``teacher`` (teacher, weights, image_size)."""
-    from fopro.config import load_run_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FoproError(f"--fpg {run_dir} is not a folder: give the output folder of a `fopro distill` run")
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise FoproError(f"--fpg {run_dir} has no {RUN_CONFIG}: give the output folder of a `fopro distill` run")
-    config = load_run_config(run_dir)
-    if config.method != "fopro":
-        raise FoproError(f"--fpg {run_dir}: the run used --method {config.method}, which has no Fourier Prompt Generator")
-    return {
-        "fpg": {"mode": config.fpg_mode, "strength": config.fpg_strength, "hidden": config.fpg_hidden},
-        "image_size": config.image_size,
-        "teacher": {"teacher": config.teacher, "weights": config.teacher_weights, "image_size": config.teacher_image_size},
-    }
-
-
-def load_run_fpg(run_dir: str | Path) -> FourierPromptGenerator:
-    """The trained FPG of a distillation run (RUN_DIR/fpg.safetensors + RUN_DIR/config.json), in eval mode."""
-    from fopro.models.weights import read_state_dict
-
-    config = read_run_config(run_dir)
-    path = Path(run_dir) / RUN_FPG
-    if not path.is_file():
-        raise FoproError(f"--fpg {run_dir} has no {RUN_FPG}: the run has not saved its Fourier Prompt Generator yet")
-    spec = config["fpg"]
-    fpg = FourierPromptGenerator(config["image_size"], mode=spec["mode"], strength=float(spec["strength"]),
-                                 hidden=int(spec.get("hidden", 16)))
-    state_dict = read_state_dict(path, option="--fpg")
-    try:
-        fpg.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0][:200]
-        raise FoproError(f"{path} does not match the FPG described in {RUN_CONFIG} ({first}): the run folder is inconsistent") from err
-    return fpg.eval()
-
-
-def radial_profile(mask: torch.Tensor, edges: Sequence[Sequence[float]]) -> list[float]:
-    """Mean of an (H, W) unshifted-grid mask over each band."""
-    h, w = mask.shape[-2:]
-    masks = band_masks(h, w, edges).to(torch.float64)
-    sums = (masks * mask.to(torch.float64)).sum(dim=(1, 2))
-    return [float(v) for v in sums / masks.sum(dim=(1, 2)).clamp(min=1)]
-
-
-def _direction(value: float) -> str:
-    if value > 1 + UNCHANGED_TOLERANCE:
-        return "amplified"
-    if value < 1 - UNCHANGED_TOLERANCE:
-        return "diminished"
-    return "unchanged"
-
-
-@torch.no_grad()
-def fpg_masks(fpg: FourierPromptGenerator, images: torch.Tensor, labels: np.ndarray, num_classes: int,
-              batch_size: int, progress: ProgressFn) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Mean mask (H, W) over all images, per-class mean masks (C, H, W) and per-class counts."""
-    n = fpg.image_size
-    total = torch.zeros(n, n, dtype=torch.float64)
-    per_class = torch.zeros(num_classes, n, n, dtype=torch.float64)
-    label_tensor = torch.from_numpy(labels)
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].float() / 255.0
-        masks = fpg.mask(x).to(torch.float64)[:, 0].expand(len(x), n, n)
-        total += masks.sum(dim=0)
-        per_class.index_add_(0, label_tensor[start : start + batch_size], masks)
-        progress("FPG masks", start + len(x), len(images))
-    counts = np.bincount(labels, minlength=num_classes)
-    per_class /= torch.from_numpy(np.maximum(counts, 1)).to(torch.float64)[:, None, None]
-    return total / len(images), per_class, counts
-
-
-def _compare_with_probe(probe: dict, profile: list[float], run_teacher: str | None) -> tuple[dict, list[str]]:
-    min_effect = float((probe.get("preference") or {}).get("min_effect", ProbeOptions.min_effect))
-    gains = [suggested_gain(band_summary(probe["results"], b), min_effect) for b in range(len(probe["bands"]))]
-    wanted = [(b, "amplified" if g > 1 else "diminished") for b, g in enumerate(gains) if g != 1]
-    agree = [b for b, direction in wanted if _direction(profile[b]) == direction]
-    notes = []
-    probe_teacher = (probe.get("teacher") or {}).get("teacher")
-    if run_teacher and probe_teacher and probe_teacher != run_teacher:
-        notes.append(f"the probe was run on teacher {probe_teacher} but the run distils {run_teacher}: compare with care")
-    comparison = {
-        "teacher": probe_teacher,
-        "split": probe.get("split"),
-        "suggested_gains": gains,
-        "bands_with_preference": [b for b, _ in wanted],
-        "agreeing_bands": agree,
-        "agreement": (len(agree) / len(wanted)) if wanted else None,
-        "verdict": probe.get("verdict"),
-    }
-    return comparison, notes
-
-
-def fpg_verdict(bands: list[dict], comparison: dict | None) -> str:
-    def listed(direction: str) -> str:
-        chosen = [b for b in bands if b["direction"] == direction]
-        return ", ".join(f"band {b['band']} ({b['range'][0]:.2f}-{b['range'][1]:.2f}) x{b['mean_gain']:.2f}" for b in chosen)
-
-    amplified, diminished = listed("amplified"), listed("diminished")
-    parts = [f"the learned FPG amplifies {amplified}" if amplified else "the learned FPG amplifies no band",
-             f"diminishes {diminished}" if diminished else "diminishes no band"]
-    if comparison is not None:
-        if comparison["agreement"] is None:
-            parts.append("the probe had no band preference to compare with")
-        else:
-            parts.append(f"it agrees with the probe on {len(comparison['agreeing_bands'])} of "
-                         f"{len(comparison['bands_with_preference'])} bands the probe had a preference for")
-    return "; ".join(parts)
-
-
-def probe_fpg(
-    run_dir: str | Path,
-    data_options: DataOptions,
-    options: ProbeOptions = ProbeOptions(),
-    out_dir: str | Path | None = None,
-    probe_json: str | Path | None = None,
-    progress: ProgressFn = no_progress,
-) -> dict:
-    """What a trained FPG does to the spectrum on one split; fpg.json and fpg_mask.png in out_dir.
-
-    With ``probe_json`` its bands are used for the radial profile (so the two line up) and the FPG's
-    amplified / diminished bands are compared with the gains :func:`band_gains_from_probe` suggests.
-    """
-    edges, _ = check_options(options)
-    config = read_run_config(run_dir)
-    fpg = load_run_fpg(run_dir)
-    notes: list[str] = []
-    probe = read_probe_json(probe_json) if probe_json is not None else None
-    if probe is not None:
-        edges = probe["bands"]
-        notes.append(f"radial profile over the probe's {len(edges)} bands (--bands ignored)")
-    check_bands_fit(edges, fpg.image_size, bool(options.log_bands))
-    splits = load_splits(data_options, splits=(options.split,))
-    manifest = splits.require(options.split, f"give --{options.split}-csv or a {options.split}/ folder, or pick another --split")
-    images, labels, probed_manifest = load_probe_images(manifest, fpg.image_size, options, data_options.skip_bad_images)
-    notes += probed_manifest.notes
-    classes = splits.classes
-    mean_mask, class_masks, counts = fpg_masks(fpg, images, labels, len(classes), options.batch_size, progress)
-
-    profile = radial_profile(mean_mask, edges)
-    bands = [{"band": b, "range": list(edges[b]), "centre": (edges[b][0] + edges[b][1]) / 2, "mean_gain": profile[b],
-              "direction": _direction(profile[b])} for b in range(len(edges))]
-    run_teacher = config["teacher"].get("teacher")
-    comparison = None
-    if probe is not None:
-        comparison, probe_notes = _compare_with_probe(probe, profile, run_teacher)
-        notes += probe_notes
-    result = {
-        "format": FPG_FORMAT,
-        "run_dir": str(run_dir),
-        "fpg": {"mode": fpg.mode, "strength": fpg.strength, "hidden": fpg.hidden, "image_size": fpg.image_size},
-        "teacher": config["teacher"],
-        "data": data_options.describe(),
-        "split": options.split,
-        "num_images": int(len(labels)),
-        "bands": [list(e) for e in edges],
-        "band_centres": [(lo + hi) / 2 for lo, hi in edges],
-        "radial_profile": bands,
-        "per_class_radial_profile": {classes[c]: radial_profile(class_masks[c], edges) for c in range(len(classes)) if counts[c]},
-        "mask": {"min": float(mean_mask.min()), "max": float(mean_mask.max()), "mean": float(mean_mask.mean()),
-                 "bounds": [1 - fpg.strength, 1 + fpg.strength]},
-        "probe": None if comparison is None else {**comparison, "path": str(probe_json)},
-        "verdict": fpg_verdict(bands, comparison),
-        "notes": notes,
-    }
-    if out_dir is not None:
-        write_fpg(result, mean_mask, Path(out_dir), probe)
-    return result
-
-
-def write_fpg(result: dict, mean_mask: torch.Tensor, out_dir: Path, probe: dict | None = None) -> dict[str, Path]:
-    """fpg.json and fpg_mask.png (the centred mean mask, its radial profile, the probe's deltas) in ``out_dir``."""
-    from fopro.plots import plot_fpg_mask
-
-    n = mean_mask.shape[-1]
-    axis = (torch.fft.fftshift(torch.fft.fftfreq(n, dtype=torch.float64)) / 0.5).numpy()
-    files = {"json": out_dir / "fpg.json", "plot": out_dir / "fpg_mask.png"}
-    write_json(files["json"], result)
-    plot_fpg_mask(fftshift2(mean_mask).numpy(), axis, result, files["plot"], probe=probe)
     return files
