@@ -39,7 +39,7 @@ from fopro.models.weights import build_model  # noqa: E402
 from fopro.config import load_run_config  # noqa: E402
 from fopro.data import DataOptions, checked_dataset, load_splits  # noqa: E402
 from fopro.evaluate import TorchPredictor, predict  # noqa: E402
-from fopro.metrics import assign_group  # noqa: E402
+from fopro.metrics import DEFAULT_GROUPS  # noqa: E402
 from fopro.preprocess import Preprocess  # noqa: E402
 from fopro.state import load_state  # noqa: E402
 from fopro.train import build_run  # noqa: E402
@@ -125,7 +125,7 @@ def diagnose(run_dir: Path, data: Path, split: str) -> dict[str, Any]:
     labels = np.asarray(dataset.manifest.labels)
     counts = np.asarray(meta.train_counts, dtype=np.float64)
     log_prior = np.log(counts / counts.sum())
-    groups = {c: assign_group(int(n), 100, 20) for c, n in enumerate(meta.train_counts)}
+    groups = {c: DEFAULT_GROUPS.group_of(int(n)) for c, n in enumerate(meta.train_counts)}
     tail = [c for c, g in groups.items() if g == "tail"]
     log_probs = np.log(np.clip(probs, 1e-12, None))
     sweep = logit_adjustment(log_probs, labels, log_prior, tail)

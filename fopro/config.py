@@ -22,6 +22,7 @@ from fopro.fpg import FPG_MODES
 from fopro.io import write_json
 from fopro.losses import check_loss
 from fopro.methods import METHODS, MethodConfig
+from fopro.metrics import LongTailGroups
 from fopro.models import StudentOptions, TeacherOptions
 
 OPTIMIZERS = ("adam", "sgd")
@@ -240,8 +241,7 @@ class DistillConfig:
                 raise FoproError(f"{flag(name)} {value} {rule.says}")
         check_loss(self.loss)
         self.augment_config()
-        if self.tail_threshold > self.head_threshold:
-            raise FoproError(f"--tail-threshold {self.tail_threshold} is above --head-threshold {self.head_threshold}: choose tail <= head")
+        self.groups()
         if self.probe_kd > 0 and self.method == "none":
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
         if self.unlabeled and self.method == "none":
@@ -250,6 +250,10 @@ class DistillConfig:
             raise FoproError(f"--probe-init {self.probe_init} does not exist: give the probe.json written by fopro probe")
         if self.probe_init and self.fpg_mode == "conditional":
             raise FoproError("--probe-init sets the dataset-level prompt, which --fpg-mode conditional has not: use --fpg-mode dataset or both")
+
+    def groups(self) -> LongTailGroups:
+        """The head / medium / tail split of --head-threshold and --tail-threshold (checks tail <= head)."""
+        return LongTailGroups(head=self.head_threshold, tail=self.tail_threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

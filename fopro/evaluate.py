@@ -15,7 +15,7 @@ from fopro.models.weights import build_model
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import write_json, write_text
-from fopro.metrics import compute_metrics
+from fopro.metrics import DEFAULT_GROUPS, LongTailGroups, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
 from fopro.plots import plot_confusion
@@ -27,8 +27,7 @@ class EvalOptions:
     split: str = "test"
     batch_size: int = 64
     device: str = "auto"
-    head_threshold: int = 100
-    tail_threshold: int = 20
+    groups: LongTailGroups = DEFAULT_GROUPS
 
 
 class Predictor(Protocol):
@@ -107,9 +106,7 @@ def evaluate(
     dataset = checked_dataset(manifest, predictor.preprocess.image_size, data.skip_bad_images)
     probs = predict(predictor, dataset, options.batch_size, progress)
     labels = np.asarray(dataset.manifest.labels)
-    report = compute_metrics(
-        labels, probs, predictor.classes, predictor.train_counts, options.head_threshold, options.tail_threshold
-    )
+    report = compute_metrics(labels, probs, predictor.classes, predictor.train_counts, options.groups)
     report["model"] = str(model_path)
     report["model_description"] = predictor.description
     report["split"] = options.split

@@ -41,7 +41,7 @@ from torch import nn
 from fopro.data.images import ImageDataset
 from fopro.errors import FoproError
 from fopro.losses import balanced_softmax, class_log_prior
-from fopro.metrics import compute_metrics
+from fopro.metrics import DEFAULT_GROUPS, LongTailGroups, compute_metrics
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 __all__ = ["LinearProbeOptions", "LinearProbe", "check_linear_options", "epochs_for", "embed", "fit_linear_probe",
@@ -285,8 +285,7 @@ def score_probe(
     eval_sets: dict[str, ImageDataset],
     classes: list[str],
     train_counts: list[int],
-    head_threshold: int = 100,
-    tail_threshold: int = 20,
+    groups: LongTailGroups = DEFAULT_GROUPS,
     device: torch.device | str = "auto",
     progress: ProgressFn = no_progress,
     embed_batch_size: int = 64,
@@ -299,7 +298,7 @@ def score_probe(
     for split, dataset in eval_sets.items():
         report = lambda _d, done, total, s=split: progress(f"linear probe: {s} embeddings", done, total)  # noqa: E731
         probs = probe.predict_proba(embed(teacher, dataset, embed_batch_size, device, report))
-        splits[split] = compute_metrics(np.asarray(dataset.manifest.labels), probs, classes, train_counts, head_threshold, tail_threshold)
+        splits[split] = compute_metrics(np.asarray(dataset.manifest.labels), probs, classes, train_counts, groups)
     return splits
 
 
@@ -309,8 +308,7 @@ def teacher_probe(
     eval_sets: dict[str, ImageDataset],
     classes: list[str],
     train_counts: list[int],
-    head_threshold: int = 100,
-    tail_threshold: int = 20,
+    groups: LongTailGroups = DEFAULT_GROUPS,
     options: LinearProbeOptions = LinearProbeOptions(),
     device: torch.device | str = "auto",
     progress: ProgressFn = no_progress,
@@ -323,7 +321,7 @@ def teacher_probe(
     """
     _check_counts(classes, train_counts)
     probe = fit_teacher_probe(teacher, train_set, train_counts, options, device, progress, embed_batch_size)
-    splits = score_probe(probe, teacher, eval_sets, classes, train_counts, head_threshold, tail_threshold, device, progress, embed_batch_size)
+    splits = score_probe(probe, teacher, eval_sets, classes, train_counts, groups, device, progress, embed_batch_size)
     return {"options": asdict(options), "train_images": len(train_set), "views": options.views,
             "embed_dim": probe.embed_dim, "epochs": probe.epochs, "splits": splits}
 

@@ -9,7 +9,6 @@ from torch import nn
 from fopro.data.manifest import UNLABELED
 from fopro.errors import FoproError
 
-LOSSES = ("balanced_softmax", "ce")
 # LDAM (Cao et al., 2019) needs a cosine classifier (normalised features and weights, scale 30); on the plain
 # linear head of a timm student its margins act on unbounded logits, so it was removed rather than kept wrong.
 REMOVED_LOSSES = {"ldam_drw": "was removed (LDAM needs a cosine classifier, which fopro's students do not have): use balanced_softmax"}
@@ -36,6 +35,16 @@ def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a.float(), b.float())
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy (the prior is not used)."""
+    return F.cross_entropy(logits, labels, ignore_index=UNLABELED)
+
+
+# --loss name -> L(logits, labels, log prior of the training counts); the valid names are its keys
+LOSS_FUNCTIONS = {"balanced_softmax": balanced_softmax, "ce": cross_entropy}
+LOSSES = tuple(LOSS_FUNCTIONS)
+
+
 class SupervisedLoss(nn.Module):
     """L_sup(logits, y) for one of LOSSES, with the training class counts that balanced softmax needs;
     images labelled UNLABELED (-1) are left out of the mean."""
@@ -47,10 +56,7 @@ class SupervisedLoss(nn.Module):
         self.register_buffer("log_prior", class_log_prior(train_counts))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.name == "balanced_softmax":
-            return balanced_softmax(logits, labels, self.log_prior)
-        return F.cross_entropy(logits, labels, ignore_index=UNLABELED)
+        return LOSS_FUNCTIONS[self.name](logits.float(), labels, self.log_prior)
 
 
 def check_loss(name: str) -> None:

@@ -23,7 +23,7 @@ from fopro.models.student import DistillHeads, features_and_logits
 from fopro.models.teacher import Teacher
 from fopro.preprocess import Preprocess
 
-METHODS = ("none", "kd", "ekd", "fopro")
+Losses = dict[str, torch.Tensor]  # named parts of a step's losses, detached (0-d tensors)
 FPG_GRAD_CLIP = 5.0  # the FPG's and h_t's gradients are clipped separately (h_t's would dominate a joint norm)
 
 
@@ -48,6 +48,7 @@ class Method(nn.Module):
     """Supervised student alone (`none`); the base of the distillation methods."""
 
     uses_teacher = False
+    uses_fpg = False
 
     def __init__(self, config: MethodConfig, student: nn.Module, student_preprocess: Preprocess, sup_loss: SupervisedLoss):
         super().__init__()
@@ -75,11 +76,12 @@ class Method(nn.Module):
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return features_and_logits(self.student, self.student_preprocess(images))
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The student's loss for one batch (to be back-propagated by the loop), with named parts."""
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
+        """The student's loss for one batch (to be back-propagated by the loop), with named parts: detached tensors,
+        which the loop turns into numbers once per logging interval (no host synchronisation per term and step)."""
         _, logits = self.student_forward(images)
         loss = self.sup_loss(logits, labels)
-        return loss, {"sup": loss.item()}
+        return loss, {"sup": loss.detach()}
 
 
 class FeatureKD(Method):
@@ -113,7 +115,7 @@ class FeatureKD(Method):
     def alignment(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return feature_mse(projected, target)
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
         features, logits = self.student_forward(images)
         projected, second_logits = self.heads(features)
         with torch.no_grad():
@@ -127,21 +129,21 @@ class FeatureKD(Method):
         second_logits: torch.Tensor | None,
         target: torch.Tensor,
         labels: torch.Tensor,
-        parts: dict[str, float],
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: Losses,
+    ) -> tuple[torch.Tensor, Losses]:
         """L_sup(fc(f)) + lambda * alignment(p(f), target) [+ L_sup(fc_t(p(f))) with the second head]."""
         align = self.alignment(projected, target)
         sup = self.sup_loss(logits, labels)
         loss = self.config.ekd_weight * align + sup
-        parts.update({"sup": sup.item(), "kd": align.item()})
+        parts.update({"sup": sup.detach(), "kd": align.detach()})
         if second_logits is not None:
             sup_t = self.sup_loss(second_logits, labels)
             loss = loss + sup_t
-            parts["sup_t"] = sup_t.item()
+            parts["sup_t"] = sup_t.detach()
         if self.config.probe_kd > 0:
             probe_kd = self.probe_distillation(logits, target)
             loss = loss + self.config.probe_kd * probe_kd
-            parts["probe_kd"] = probe_kd.item()
+            parts["probe_kd"] = probe_kd.detach()
         return loss, parts
 
     def probe_distillation(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -188,13 +190,15 @@ class FoProKD(EffectiveKD):
     fopro's own reconstruction: the authors did not publish the FPG or AKD (see README, "The method").
     """
 
+    uses_fpg = True
+
     def __init__(self, config: MethodConfig, student: nn.Module, student_preprocess: Preprocess, sup_loss: SupervisedLoss, teacher: Teacher,
                  fpg: FourierPromptGenerator, probe: nn.Module | None = None):
         super().__init__(config, student, student_preprocess, sup_loss, teacher, probe)
         if config.fpg_every < 1:
-            raise FoproError(f"--fpg-every {config.fpg_every} must be at least 1")
+            raise FoproError(f"MethodConfig.fpg_every {config.fpg_every} must be at least 1")
         if not 0.0 < config.prompt_fraction <= 1.0:
-            raise FoproError(f"--prompt-fraction {config.prompt_fraction} must be in (0, 1]")
+            raise FoproError(f"MethodConfig.prompt_fraction {config.prompt_fraction} must be in (0, 1]")
         self.fpg = fpg
         self.teacher_head = nn.Linear(teacher.embed_dim, len(sup_loss.log_prior))
         self.fpg_optimizer = torch.optim.Adam(list(fpg.parameters()) + list(self.teacher_head.parameters()), lr=config.fpg_lr)
@@ -231,7 +235,7 @@ class FoProKD(EffectiveKD):
         inputs[selection] = prompted
         return inputs, mask
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
         fpg_due = step % self.config.fpg_every == 0
         alpha = self.config.adv_weight * self.adversary_factor if fpg_due else 0.0
         selection = self.prompt_selection(labels)
@@ -245,7 +249,7 @@ class FoProKD(EffectiveKD):
         parts = self.fpg_step(batch, alpha) if fpg_due else {}
         return self.student_loss(logits, projected, second_logits, embedding.detach(), labels, parts)
 
-    def fpg_loss(self, batch: PromptedBatch, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def fpg_loss(self, batch: PromptedBatch, alpha: float) -> tuple[torch.Tensor, Losses]:
         """L_fpg = L_sup(h_t(z_t(x~)), y) - alpha * mean(2 - 2 cos(p(f(x~)), z_t(x~))) + beta * mean((M - 1)^2),
         over the prompted images (the supervised term over the labelled ones among them)."""
         embedding, projected, labels = batch.embedding, batch.projected, batch.labels
@@ -255,10 +259,10 @@ class FoProKD(EffectiveKD):
         adversarial = cosine_distance(projected, embedding)
         regulariser = (batch.mask - 1).pow(2).mean()
         loss = explore - alpha * adversarial + self.config.fpg_reg * regulariser
-        parts = {"fpg": loss.item(), "fpg_explore": explore.item(), "fpg_adv": adversarial.item(), "fpg_mask": (batch.mask - 1).abs().mean().item()}
-        return loss, parts
+        parts = {"fpg": loss, "fpg_explore": explore, "fpg_adv": adversarial, "fpg_mask": (batch.mask - 1).abs().mean()}
+        return loss, {name: value.detach() for name, value in parts.items()}
 
-    def fpg_step(self, batch: PromptedBatch, alpha: float) -> dict[str, float]:
+    def fpg_step(self, batch: PromptedBatch, alpha: float) -> Losses:
         """One update of the FPG and h_t on L_fpg, on the warm-up + cosine schedule of the student's rate.
 
         The gradient that reaches x~ through the student (the adversarial term) is sent on to the FPG with a
@@ -282,6 +286,10 @@ class FoProKD(EffectiveKD):
         return parts
 
 
+METHOD_CLASSES: dict[str, type[Method]] = {"none": Method, "kd": FeatureKD, "ekd": EffectiveKD, "fopro": FoProKD}
+METHODS = tuple(METHOD_CLASSES)  # the valid --method values
+
+
 def build_method(
     config: MethodConfig,
     student: nn.Module,
@@ -291,15 +299,15 @@ def build_method(
     fpg: FourierPromptGenerator | None,
     probe: nn.Module | None = None,
 ) -> Method:
+    """The method class named by config.name, given the parts it needs (a teacher for kd / ekd / fopro, an FPG for fopro)."""
     check_method(config.name)
-    if config.name == "none":
-        return Method(config, student, student_preprocess, sup_loss)
+    cls = METHOD_CLASSES[config.name]
+    if not cls.uses_teacher:
+        return cls(config, student, student_preprocess, sup_loss)
     if teacher is None:
         raise FoproError(f"--method {config.name} needs a teacher: pass --teacher")
-    if config.name == "kd":
-        return FeatureKD(config, student, student_preprocess, sup_loss, teacher, probe)
-    if config.name == "ekd":
-        return EffectiveKD(config, student, student_preprocess, sup_loss, teacher, probe)
+    if not cls.uses_fpg:
+        return cls(config, student, student_preprocess, sup_loss, teacher, probe)
     if fpg is None:
-        raise FoproError("--method fopro needs the Fourier Prompt Generator")
-    return FoProKD(config, student, student_preprocess, sup_loss, teacher, fpg, probe)
+        raise FoproError(f"--method {config.name} needs the Fourier Prompt Generator")
+    return cls(config, student, student_preprocess, sup_loss, teacher, fpg, probe)

@@ -8,6 +8,7 @@ never NaN; a value that is undefined (e.g. the recall of a class absent from the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -259,24 +260,38 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
 # ----------------------------------------------------------------------------- long-tail groups
 
 
-def group_definitions(head_threshold: int, tail_threshold: int) -> dict[str, str]:
-    return {
-        "head": f"train_count > {head_threshold}",
-        "medium": f"{tail_threshold} <= train_count <= {head_threshold}",
-        "tail": f"train_count < {tail_threshold}",
-    }
+@dataclass(frozen=True)
+class LongTailGroups:
+    """Head / medium / tail classes by their number of TRAINING images: head above ``head``, tail below ``tail``,
+    medium in between (both included). The command-line options are --head-threshold and --tail-threshold."""
+
+    head: int = 100
+    tail: int = 20
+
+    def __post_init__(self) -> None:
+        if self.tail > self.head:
+            raise FoproError(f"--tail-threshold {self.tail} is above --head-threshold {self.head}: choose tail <= head")
+
+    def group_of(self, train_count: int) -> str:
+        """'head' if train_count > head, 'tail' if < tail, else 'medium'."""
+        if train_count > self.head:
+            return "head"
+        if train_count < self.tail:
+            return "tail"
+        return "medium"
+
+    def definitions(self) -> dict[str, str]:
+        return {
+            "head": f"train_count > {self.head}",
+            "medium": f"{self.tail} <= train_count <= {self.head}",
+            "tail": f"train_count < {self.tail}",
+        }
 
 
-def assign_group(train_count: int, head_threshold: int, tail_threshold: int) -> str:
-    """'head' if train_count > head_threshold, 'tail' if < tail_threshold, else 'medium'."""
-    if train_count > head_threshold:
-        return "head"
-    if train_count < tail_threshold:
-        return "tail"
-    return "medium"
+DEFAULT_GROUPS = LongTailGroups()
 
 
-def validate_train_counts(train_counts: Any, num_classes: int, head_threshold: int, tail_threshold: int) -> list[int]:
+def validate_train_counts(train_counts: Any, num_classes: int) -> list[int]:
     counts = list(train_counts)
     if len(counts) != num_classes:
         raise FoproError(
@@ -292,11 +307,6 @@ def validate_train_counts(train_counts: Any, num_classes: int, head_threshold: i
         if not valid:
             raise FoproError(f"training count {count!r} is not a non-negative integer")
         out.append(value)
-    if tail_threshold > head_threshold:
-        raise FoproError(
-            f"tail threshold {tail_threshold} is above head threshold {head_threshold}: "
-            "choose tail <= head"
-        )
     return out
 
 
@@ -304,20 +314,19 @@ def group_recalls(
     class_names: list[str],
     recalls: list[float | None],
     train_counts: list[int],
-    head_threshold: int = 100,
-    tail_threshold: int = 20,
+    groups: LongTailGroups = DEFAULT_GROUPS,
 ) -> dict[str, dict[str, Any]]:
     """{"head"|"medium"|"tail": {"classes", "mean_recall", "definition"}}; the mean skips undefined recalls."""
-    definitions = group_definitions(head_threshold, tail_threshold)
-    groups: dict[str, dict[str, Any]] = {}
+    definitions = groups.definitions()
+    result: dict[str, dict[str, Any]] = {}
     for group in ("head", "medium", "tail"):
-        members = [c for c, n in enumerate(train_counts) if assign_group(n, head_threshold, tail_threshold) == group]
-        groups[group] = {
+        members = [c for c, n in enumerate(train_counts) if groups.group_of(n) == group]
+        result[group] = {
             "classes": [class_names[c] for c in members],
             "mean_recall": _mean_or_none([recalls[c] for c in members]),
             "definition": definitions[group],
         }
-    return groups
+    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -374,19 +383,14 @@ def compute_metrics(
     probs: np.ndarray,
     class_names: list[str],
     train_counts: list[int] | None = None,
-    head_threshold: int = 100,
-    tail_threshold: int = 20,
+    groups: LongTailGroups = DEFAULT_GROUPS,
     ece_bins: int = 15,
 ) -> dict:
     """All metrics of one evaluation, as a JSON-serialisable dict (no NaN: undefined values are None)."""
     labels, probs = validate_inputs(labels, probs, class_names)
     class_names = [str(name) for name in class_names]
     num_classes = probs.shape[1]
-    counts = (
-        validate_train_counts(train_counts, num_classes, head_threshold, tail_threshold)
-        if train_counts is not None
-        else None
-    )
+    counts = validate_train_counts(train_counts, num_classes) if train_counts is not None else None
 
     preds = predictions(probs)
     matrix = confusion_matrix(labels, preds, num_classes)
@@ -411,9 +415,7 @@ def compute_metrics(
         }
         for c in range(num_classes)
     ]
-    groups = (
-        group_recalls(class_names, recalls, counts, head_threshold, tail_threshold) if counts is not None else None
-    )
+    group_report = group_recalls(class_names, recalls, counts, groups) if counts is not None else None
 
     return {
         "num_samples": int(labels.shape[0]),
@@ -427,9 +429,9 @@ def compute_metrics(
         "mcc": _float_or_none(matthews_corrcoef(matrix)),
         "kappa": cohen_kappa(matrix),
         "per_class": per_class,
-        "groups": groups,
-        "tail_recall": groups["tail"]["mean_recall"] if groups is not None else None,
+        "groups": group_report,
+        "tail_recall": group_report["tail"]["mean_recall"] if group_report is not None else None,
         "confusion_matrix": [[int(v) for v in row] for row in matrix],
         "confusion_matrix_normalized": normalized_confusion(matrix),
-        "notes": _notes(class_names, matrix, probs, groups, aucs),
+        "notes": _notes(class_names, matrix, probs, group_report, aucs),
     }

@@ -1,11 +1,9 @@
-"""Device choice, seeding and the progress callback type shared by the library functions."""
+"""Device choice and the progress callback type shared by the library functions."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from fopro.errors import FoproError
@@ -27,14 +25,3 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as err:
         raise FoproError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from err
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def check_positive(value: float, option: str) -> None:
-    if not value > 0:
-        raise FoproError(f"{option} {value} must be greater than 0")

@@ -43,6 +43,7 @@ from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor
 from fopro.state import load_state, save_state
 
 RUN_MARKERS = ("config.json", "last.safetensors", "resume.safetensors")
+LOG_EVERY = 10  # steps between the progress line's loss updates (each one synchronises the device once)
 
 
 class TrainingInterrupted(Exception):
@@ -260,7 +261,7 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     if run.step == 0:
         run.running = {}
     running = run.running
-    started, seen = time.perf_counter(), 0
+    started, seen, info = time.perf_counter(), 0, ""
     for images, labels in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
         global_step = run.epoch * len(batches) + run.step
@@ -275,9 +276,12 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
             raise non_finite_error(run, err.parts) from None
         run.step += 1
         seen += len(images)
-        for key, value in parts.items():
+        for key, value in parts.items():  # running means stay on the device: no synchronisation per step
+            value = value.detach().double()
             running[key] = 0.9 * running.get(key, value) + 0.1 * value
-        info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_"))
+        if run.step % LOG_EVERY == 0 or run.step == len(batches) or stop or not info:
+            run.running = running = as_numbers(running)  # one synchronisation per logging interval
+            info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_"))
         rate = seen / max(time.perf_counter() - started, 1e-9)
         progress(f"epoch {run.epoch + 1}/{config.epochs} [{info}, {rate:.0f} img/s]", run.step, len(batches))
         if stop:
@@ -288,8 +292,15 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
 
 
+def as_numbers(values: dict[str, Any]) -> dict[str, float]:
+    """Losses (0-d tensors or floats) as floats, with one device-to-host copy for all of them."""
+    tensors = [torch.as_tensor(v, dtype=torch.float64) for v in values.values()]
+    numbers = torch.stack([t.cpu() for t in tensors]).tolist() if tensors else []
+    return dict(zip(values, numbers))
+
+
 class NonFiniteLoss(Exception):
-    def __init__(self, parts: dict[str, float]):
+    def __init__(self, parts: dict[str, Any]):
         super().__init__("non-finite loss")
         self.parts = parts
 
@@ -305,7 +316,7 @@ def optimisation_step(
     env: DistEnv = SINGLE,
     stop_requested: bool = False,
     precision: Any = None,
-) -> tuple[dict[str, float], bool]:
+) -> tuple[dict[str, torch.Tensor], bool]:
     """One step of the student (the method runs its own FPG step inside): loss, gradient averaging across
     processes, clipping, optimiser. Returns the named losses and whether any process asked to stop."""
     with precision if precision is not None else nullcontext():
@@ -352,12 +363,14 @@ def make_loader(run: Run, dataset: ImageDataset, batches: list[list[int]]) -> to
     )
 
 
-def is_finite(loss: torch.Tensor, parts: dict[str, float]) -> bool:
-    return bool(torch.isfinite(loss).all()) and all(math.isfinite(v) for v in parts.values())
+def is_finite(loss: torch.Tensor, parts: dict[str, Any]) -> bool:
+    """Whether the loss and every part are finite: one synchronisation for all of them."""
+    values = [loss.detach().float().reshape(-1)] + [torch.as_tensor(v, dtype=torch.float32, device=loss.device).reshape(-1) for v in parts.values()]
+    return bool(torch.isfinite(torch.cat(values)).all())
 
 
-def non_finite_error(run: Run, parts: dict[str, float]) -> FoproError:
-    detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+def non_finite_error(run: Run, parts: dict[str, Any]) -> FoproError:
+    detail = ", ".join(f"{k}={v:.4g}" for k, v in as_numbers(parts).items())
     return FoproError(
         f"non-finite loss at epoch {run.epoch + 1}, step {run.step + 1} ({detail}): lower --lr, or use --amp bf16 / none "
         f"instead of fp16; the last good checkpoint in {run.run_dir} is kept"
@@ -371,7 +384,7 @@ def validate(run: Run) -> dict[str, Any]:
     predictor = TorchPredictor(run.method.student, run.student_preprocess, run.splits.classes, run.train_counts, "in training", run.device)
     probs = predict(predictor, run.val_set, batch_size=max(64, run.config.batch_size))
     report = compute_metrics(
-        np.asarray(run.val_set.manifest.labels), probs, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold
+        np.asarray(run.val_set.manifest.labels), probs, run.splits.classes, run.train_counts, run.config.groups()
     )
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "macro_auc", "ece")
     summary = {k: report[k] for k in keys}
@@ -490,7 +503,7 @@ def finish(run: Run, progress: ProgressFn) -> dict:
     if run.teacher is not None and run.config.teacher_probe and run.env.is_main:
         summary["teacher_probe"] = run_teacher_probe(run, progress)
     if "test" in run.splits and run.env.is_main:
-        options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), head_threshold=run.config.head_threshold, tail_threshold=run.config.tail_threshold)
+        options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), groups=run.config.groups())
         summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
     probe = summary.get("teacher_probe")
     if probe and "test" in summary and "test" in probe["splits"]:
@@ -509,7 +522,7 @@ def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
         run.teacher, run.train_set, run.train_counts, options, run.device, progress
     )
     scores = score_probe(
-        probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.head_threshold, run.config.tail_threshold,
+        probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.groups(),
         run.device, progress,
     )
     return {"views": options.views, "splits": linear_probe.summarise_scores(scores)}

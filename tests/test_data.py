@@ -28,6 +28,7 @@ from fopro.data import (
 from fopro.data.images import BadImageError, to_rgb_array
 from fopro.data.summary import data_info
 from fopro.errors import FoproError
+from fopro.metrics import LongTailGroups
 from helpers import ISIC_DIR, make_image_folder, truncate, write_csv, write_image
 
 # ------------------------------------------------------------------------------------------ ImageFolder
@@ -329,7 +330,7 @@ def test_imbalance_option_subsamples_only_train(tmp_path: Path) -> None:
     splits = load_splits(DataOptions(data=root, imbalance=0.25, seed=3))
     assert splits["train"].class_counts() == [12, 6, 3]
     assert splits["test"].class_counts() == [2, 2, 2]
-    info = data_info(DataOptions(data=root, imbalance=0.25, seed=3), head_threshold=10, tail_threshold=4)
+    info = data_info(DataOptions(data=root, imbalance=0.25, seed=3), groups=LongTailGroups(head=10, tail=4))
     assert info["splits"]["train"] == {"a": 12, "b": 6, "c": 3}
     assert info["imbalance_ratio"] == pytest.approx(0.25)
     assert info["groups"] == {"a": "head", "b": "medium", "c": "tail"}
@@ -520,7 +521,7 @@ def test_not_an_image_at_all(tmp_path: Path) -> None:
 
 
 def test_data_info_reports_counts_and_groups(folder: Path) -> None:
-    info = data_info(DataOptions(data=folder), head_threshold=4, tail_threshold=3)
+    info = data_info(DataOptions(data=folder), groups=LongTailGroups(head=4, tail=3))
     assert info["classes"] == ["ak", "benign", "melanoma"]
     assert info["splits"] == {
         "train": {"ak": 2, "benign": 3, "melanoma": 5},

@@ -288,7 +288,7 @@ def test_adversary_ramps_in_and_the_fpg_rate_follows_the_schedule(tmp_path, dist
     penalty = _mask_penalty(method, images)  # before the step updates the FPG
     _, parts = method.step(images, labels, step=0)
     assert penalty > 0
-    assert parts["fpg"] == pytest.approx(parts["fpg_explore"] + method.config.fpg_reg * penalty, abs=1e-6)
+    assert float(parts["fpg"]) == pytest.approx(float(parts["fpg_explore"] + method.config.fpg_reg * penalty), abs=1e-6)
     assert method.fpg_optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 0.25)
 
 

@@ -26,7 +26,7 @@ from fopro.linear_probe import (
     fit_linear_probe,
     teacher_probe,
 )
-from fopro.metrics import compute_metrics
+from fopro.metrics import LongTailGroups, compute_metrics
 from fopro.models.teacher import TeacherOptions, load_teacher
 from fopro.probe.file import band_gains_from_probe, read_probe_json
 from fopro.probe.frequency import ProbeOptions, run_probe
@@ -45,7 +45,7 @@ def blobs(counts, seed, dim=16, sep=3.0, spread=1.0, centres_seed=0):
 
 def tail_recall(probe: LinearProbe, x, y, counts, tail_threshold) -> float:
     report = compute_metrics(y, probe.predict_proba(x), [f"c{c}" for c in range(len(counts))], counts,
-                             head_threshold=100, tail_threshold=tail_threshold)
+                             groups=LongTailGroups(head=100, tail=tail_threshold))
     return report["tail_recall"]
 
 
@@ -181,7 +181,7 @@ def test_teacher_probe_end_to_end(tiny):
     eval_sets = {split: checked_dataset(splits[split], S, False) for split in ("val", "test")}
     counts = splits["train"].class_counts()
     options = LinearProbeOptions(views=2, **FAST)
-    result = teacher_probe(teacher, train_set, eval_sets, splits.classes, counts, 100, 20, options, "cpu")
+    result = teacher_probe(teacher, train_set, eval_sets, splits.classes, counts, LongTailGroups(head=100, tail=20), options, "cpu")
     assert set(result) == {"options", "train_images", "views", "embed_dim", "epochs", "splits"}
     assert result["train_images"] == len(splits["train"]) == 31 and result["views"] == 2
     assert result["embed_dim"] == teacher.embed_dim and result["options"]["views"] == 2
@@ -200,7 +200,7 @@ def test_teacher_probe_end_to_end(tiny):
     for split, dataset in eval_sets.items():
         report = result["splits"][split]
         expected = compute_metrics(np.asarray(dataset.manifest.labels), probe.predict_proba(embed(teacher, dataset, 64, "cpu")),
-                                   splits.classes, counts, 100, 20)
+                                   splits.classes, counts, LongTailGroups(head=100, tail=20))
         assert report == expected
         for key in ("accuracy", "balanced_accuracy", "macro_f1"):
             assert 0.0 <= report[key] <= 1.0

@@ -11,7 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from fopro.errors import FoproError
-from fopro.metrics import average_ranks, compute_metrics, confusion_matrix, expected_calibration_error
+from fopro.metrics import LongTailGroups, average_ranks, compute_metrics, confusion_matrix, expected_calibration_error
 from fopro.plots import plot_confusion
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -269,7 +269,7 @@ def test_head_medium_tail_groups() -> None:
 def test_groups_custom_thresholds_and_empty_group() -> None:
     labels = np.array([0, 1, 2])
     probs = np.eye(3)
-    result = compute_metrics(labels, probs, ["a", "b", "c"], train_counts=[50, 40, 30], head_threshold=45, tail_threshold=10)
+    result = compute_metrics(labels, probs, ["a", "b", "c"], train_counts=[50, 40, 30], groups=LongTailGroups(head=45, tail=10))
     assert result["groups"]["head"]["classes"] == ["a"]
     assert result["groups"]["medium"]["classes"] == ["b", "c"]
     assert result["groups"]["tail"] == {"classes": [], "mean_recall": None, "definition": "train_count < 10"}

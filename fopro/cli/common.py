@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fopro.config import DATA_KEYS, FIELDS, OPTION_FIELDS, data_options_of, value_type
 from fopro.errors import FoproError
+from fopro.metrics import LongTailGroups
 from fopro.runtime import ProgressFn
 
 console = Console()
@@ -115,6 +116,12 @@ def option_parameter(name: str) -> inspect.Parameter:
 def with_data_options(func: Callable) -> Callable:
     """Add the shared data options to a command; the command receives them as `data_options: DataOptions`."""
     return with_schema_options(func, DATA_KEYS, "data_options", data_options_of)
+
+
+def with_group_options(func: Callable) -> Callable:
+    """Add --head-threshold / --tail-threshold (the schema's); the command receives `groups: LongTailGroups`."""
+    return with_schema_options(func, ("head_threshold", "tail_threshold"), "groups",
+                               lambda values: LongTailGroups(head=values["head_threshold"], tail=values["tail_threshold"]))
 
 
 def with_distill_options(func: Callable) -> Callable:

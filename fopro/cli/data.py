@@ -9,27 +9,27 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options
+from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options, with_group_options
+from fopro.cli.render import GROUP_STYLE
 from fopro.data import DataOptions
 from fopro.data.summary import data_info
 from fopro.data.synth import SynthConfig, generate_synth
+from fopro.metrics import LongTailGroups
 
 app = typer.Typer(help="Inspect datasets and generate the embedded synthetic one.", no_args_is_help=True)
-
-GROUP_STYLE = {"head": "green", "medium": "yellow", "tail": "bold red"}
 
 
 @app.command("info")
 @cli_errors
 @with_data_options
+@with_group_options
 def info_cli(
     data_options: DataOptions,
-    head_threshold: Annotated[int, typer.Option(help="Classes with more training images than this are 'head'.")] = 100,
-    tail_threshold: Annotated[int, typer.Option(help="Classes with fewer training images than this are 'tail'.")] = 20,
+    groups: LongTailGroups,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object (key 'splits': split -> class -> count).")] = False,
 ) -> None:
     """Per-class image counts of each split, the imbalance ratio and head/medium/tail membership."""
-    result = data_info(data_options, head_threshold, tail_threshold)
+    result = data_info(data_options, groups)
     if json_output:
         print_json(result)
         return

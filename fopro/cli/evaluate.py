@@ -7,27 +7,28 @@ from typing import Annotated, Optional
 
 import typer
 
-from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options
+from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options, with_group_options
 from fopro.cli.render import render_eval
 from fopro.data import DataOptions
+from fopro.metrics import LongTailGroups
 from fopro.evaluate import EvalOptions, evaluate
 
 
 @cli_errors
 @with_data_options
+@with_group_options
 def eval_cli(
     data_options: DataOptions,
+    groups: LongTailGroups,
     model: Annotated[Path, typer.Argument(help="A fopro checkpoint (NAME.safetensors with NAME.json) or an exported .onnx file.")],
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (PyTorch checkpoints).")] = "auto",
-    head_threshold: Annotated[int, typer.Option(help="Classes with more training images than this are 'head'.")] = 100,
-    tail_threshold: Annotated[int, typer.Option(help="Classes with fewer training images than this are 'tail' (rare).")] = 20,
     out: Annotated[Optional[Path], typer.Option(help="Write metrics.json, per_class.csv, predictions.csv and confusion.png here.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON on stdout, nothing else.")] = False,
 ) -> None:
     """Per-class and rare-class metrics (balanced accuracy, head/medium/tail recall, confusion matrix)."""
-    options = EvalOptions(split=split, batch_size=batch_size, device=device, head_threshold=head_threshold, tail_threshold=tail_threshold)
+    options = EvalOptions(split=split, batch_size=batch_size, device=device, groups=groups)
     with progress_bar(not json_output) as progress:
         report = evaluate(model, data_options, options, out_dir=out, progress=progress)
     if json_output:

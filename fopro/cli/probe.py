@@ -10,21 +10,25 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options
+from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options, with_group_options
+from fopro.cli.render import fmt
 from fopro.data import DataOptions
+from fopro.metrics import LongTailGroups
 from fopro.data.augment import DEFAULT_PRESET, PRESET_HELP
 from fopro.errors import FoproError
 from fopro.models.teacher import TeacherOptions
 from fopro.probe.fpg_report import probe_fpg
-from fopro.probe.frequency import ProbeOptions, linear_probe_line, run_probe
+from fopro.probe.frequency import ProbeOptions, linear_probe_line, points_text, run_probe
 
 AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 
 
 @cli_errors
 @with_data_options
+@with_group_options
 def probe_cli(
     data_options: DataOptions,
+    groups: LongTailGroups,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher to probe: a timm model name or a fopro checkpoint (NAME.safetensors).")] = None,
     teacher_weights: Annotated[Optional[Path], typer.Option(help="Local weights for the timm teacher (.safetensors or .pth).")] = None,
     teacher_image_size: Annotated[Optional[int], typer.Option(help="Teacher input size; images are probed at this size (default: the images' size, at most 224).")] = None,
@@ -38,8 +42,6 @@ def probe_cli(
     batch_size: Annotated[int, typer.Option(help="Images per teacher batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the image selection and of the cross-validation folds.")] = 0,
-    head_threshold: Annotated[int, typer.Option(help="Classes with more training images than this are 'head'.")] = 100,
-    tail_threshold: Annotated[int, typer.Option(help="Classes with fewer training images than this are 'tail' (rare).")] = 20,
     linear: Annotated[bool, typer.Option("--linear/--no-linear", help="With --teacher: also train a linear classifier on the frozen teacher's embeddings of the train split and score it on --split (how much the teacher knows).")] = True,
     linear_views: Annotated[int, typer.Option(help="Augmented passes over the train split that the linear probe is trained on (each a different draw).")] = 4,
     augment: Annotated[str, typer.Option(help=f"Augmentation preset of the linear probe's train views, as in `fopro distill`. {AUGMENT_PRESETS}.")] = DEFAULT_PRESET,
@@ -49,8 +51,8 @@ def probe_cli(
     """How scaling each frequency band of the images changes how well the frozen teacher separates the classes,
     and how well a linear classifier on its embeddings (trained on the train split) scores: what the teacher knows."""
     options = ProbeOptions(split=split, bands=bands, log_bands=log_bands, gains=gains, per_class=per_class,
-                           batch_size=batch_size, device=device, seed=seed, head_threshold=head_threshold,
-                           tail_threshold=tail_threshold, linear=linear, linear_views=linear_views, augment=augment)
+                           batch_size=batch_size, device=device, seed=seed, groups=groups,
+                           linear=linear, linear_views=linear_views, augment=augment)
     if (teacher is None) == (fpg is None):
         raise FoproError("give either --teacher T (probe a teacher) or --fpg RUN_DIR (show a learned prompt), not both or neither")
     if fpg is not None:
@@ -83,15 +85,11 @@ def _points(value: float | None, noise: float = 0.0) -> str:
     if value is None:
         return "[dim]n/a[/]"
     style = "bold green" if value > noise else ("bold red" if value < -noise else "dim")
-    return f"[{style}]{100 * value:+.1f}[/]"
+    return f"[{style}]{points_text(value)}[/]"
 
 
 def _noise(row: dict, key: str, min_effect: float) -> float:
     return max(min_effect, 2.0 * (row.get(f"se_{key}") or 0.0))
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def render_probe(result: dict) -> None:
@@ -102,8 +100,8 @@ def render_probe(result: dict) -> None:
     clean = result["clean"]
     tail = result["tail"]
     console.print(
-        f"clean: balanced accuracy (nearest class mean) [bold]{_percent(clean['balanced_accuracy'])}[/]   "
-        f"k-NN [bold]{_percent(clean['knn_balanced_accuracy'])}[/]   tail [bold red]{_percent(clean['tail_balanced_accuracy'])}[/]"
+        f"clean: balanced accuracy (nearest class mean) [bold]{fmt(clean['balanced_accuracy'])}[/]   "
+        f"k-NN [bold]{fmt(clean['knn_balanced_accuracy'])}[/]   tail [bold red]{fmt(clean['tail_balanced_accuracy'])}[/]"
         + (f" ({escape(', '.join(tail['classes']))})" if tail.get("classes") else "")
     )
     if result.get("linear_probe"):

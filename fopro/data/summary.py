@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from fopro.data.sources import DataOptions, load_splits
-from fopro.metrics import assign_group, group_definitions
+from fopro.metrics import DEFAULT_GROUPS, LongTailGroups
 
 
-def data_info(options: DataOptions, head_threshold: int = 100, tail_threshold: int = 20) -> dict:
+def data_info(options: DataOptions, groups: LongTailGroups = DEFAULT_GROUPS) -> dict:
     """Counts per split and class; groups are defined by the training counts when a train split exists."""
     splits = load_splits(options)
     counts = {name: manifest.counts_by_name() for name, manifest in splits.manifests.items()}
@@ -15,10 +15,8 @@ def data_info(options: DataOptions, head_threshold: int = 100, tail_threshold: i
         train = counts["train"]
         nonzero = [c for c in train.values() if c > 0]
         result["imbalance_ratio"] = (min(nonzero) / max(nonzero)) if nonzero else None
-        result["groups"] = {
-            name: assign_group(count, head_threshold, tail_threshold) for name, count in train.items()
-        }
-        result["group_definition"] = group_definitions(head_threshold, tail_threshold)
+        result["groups"] = {name: groups.group_of(count) for name, count in train.items()}
+        result["group_definition"] = groups.definitions()
     if options.imbalance is not None:
         result["imbalance_applied"] = options.imbalance
     return result

@@ -16,7 +16,7 @@ The probe (``run_probe``)
       smallest Euclidean distance, k-NN the majority of the k most cosine-similar training images (ties: the
       lowest class index). Both are computed overall and on the tail classes (mean recall of the tail classes).
 
-    Tail classes are those with fewer than ``tail_threshold`` images in the TRAINING split (``assign_group``,
+    Tail classes are those with fewer than ``groups.tail`` images in the TRAINING split (``LongTailGroups``,
     after ``--imbalance`` subsampling). Without a train split the tail metrics are null and a note says why
     (no guess from the probed split, whose counts are often balanced).
 
@@ -59,7 +59,7 @@ from fopro.errors import FoproError
 from fopro.fourier import amplitude_phase, band_edges, band_masks, scale_band
 from fopro.io import write_json
 from fopro.linear_probe import LinearProbeOptions, teacher_probe
-from fopro.metrics import assign_group, group_definitions
+from fopro.metrics import DEFAULT_GROUPS, LongTailGroups
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
 from fopro.plots import plot_probe
 from fopro.probe.crossval import (
@@ -107,8 +107,7 @@ class ProbeOptions:
     batch_size: int = 64
     device: str = "auto"
     seed: int = 0
-    head_threshold: int = 100
-    tail_threshold: int = 20
+    groups: LongTailGroups = DEFAULT_GROUPS
     folds: int = 5
     neighbours: int = 5
     min_effect: float = DEFAULT_MIN_EFFECT
@@ -164,10 +163,6 @@ def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], lis
                                    (options.folds, "folds", 2), (options.neighbours, "neighbours", 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise FoproError(f"{option} must be a whole number >= {minimum} (got {value!r})")
-    if options.tail_threshold > options.head_threshold:
-        raise FoproError(
-            f"--tail-threshold {options.tail_threshold} is above --head-threshold {options.head_threshold}: choose tail <= head"
-        )
     linear_options(options)
     resolve_augment(options.augment)
     return edges, gains
@@ -294,14 +289,14 @@ def embed(
 
 def tail_classes(splits: Any, classes: list[str], probed: list[int], options: ProbeOptions) -> tuple[dict, list[str]]:
     """The tail classes by TRAINING counts; null (with a note) without a train split or tail class probed."""
-    definition = group_definitions(options.head_threshold, options.tail_threshold)["tail"]
+    definition = options.groups.definitions()["tail"]
     if "train" not in splits:
         return {"classes": None, "indices": None, "definition": definition, "train_counts": None}, [
             "no train split: tail classes are defined by training counts, so the tail metrics are null "
             "(give the train split with the same data options)"
         ]
     counts = splits["train"].class_counts()
-    indices = [c for c in probed if assign_group(counts[c], options.head_threshold, options.tail_threshold) == "tail"]
+    indices = [c for c in probed if options.groups.group_of(counts[c]) == "tail"]
     info = {"classes": [classes[c] for c in indices], "indices": indices, "definition": definition,
             "train_counts": dict(zip(classes, counts))}
     notes = []
@@ -347,7 +342,8 @@ def _band_text(entry: dict) -> str:
 
 
 
-def _points(value: float | None) -> str:
+def points_text(value: float | None) -> str:
+    """A change in balanced accuracy as signed points, e.g. +1.5."""
     return "n/a" if value is None else f"{100 * value:+.1f}"
 
 
@@ -355,24 +351,24 @@ def _points(value: float | None) -> str:
 def verdict_line(teacher: str, clean: dict, pref: dict, gains: list[float]) -> str:
     """One line: what removing and amplifying bands does to the teacher's class separation."""
     parts = [f"{teacher}: clean balanced accuracy {100 * clean['balanced_accuracy']:.1f}%"]
-    tail = lambda e: f", tail {_points(e['tail_delta'])}" if e["tail_delta"] is not None else ""  # noqa: E731
+    tail = lambda e: f", tail {points_text(e['tail_delta'])}" if e["tail_delta"] is not None else ""  # noqa: E731
     if not any(g < 1 for g in gains):
         parts.append("no removal or diminishing gain probed (add 0 to --gains)")
     elif pref["removal_hurts"]:
         e = pref["removal_hurts"][0]
         how = "removing it" if e["gain"] == 0 else f"scaling it x{e['gain']:g}"
-        parts.append(f"relies most on {_band_text(e)}: {how} changes it by {_points(e['delta'])} points{tail(e)}")
+        parts.append(f"relies most on {_band_text(e)}: {how} changes it by {points_text(e['delta'])} points{tail(e)}")
     else:
         parts.append("no band's removal lowers it beyond the noise")
     if pref["amplify_helps"]:
         e = pref["amplify_helps"][0]
-        parts.append(f"amplifying {_band_text(e)} x{e['gain']:g} helps most: {_points(e['delta'])} points{tail(e)}")
+        parts.append(f"amplifying {_band_text(e)} x{e['gain']:g} helps most: {points_text(e['delta'])} points{tail(e)}")
     elif any(g > 1 for g in gains):
         parts.append("no amplification helps beyond the noise")
     if pref["diminish_helps"]:
         e = pref["diminish_helps"][0]
         how = f"removing {_band_text(e)}" if e["gain"] == 0 else f"diminishing {_band_text(e)} x{e['gain']:g}"
-        parts.append(f"{how} helps: {_points(e['delta'])} points")
+        parts.append(f"{how} helps: {points_text(e['delta'])} points")
     return "; ".join(parts)
 
 
@@ -528,7 +524,7 @@ def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOpt
         notes += [note for note in dataset.manifest.notes if note not in manifest.notes]
     counts = train_manifest.class_counts()
     scored = teacher_probe(data.teacher, train_set, {options.split: eval_set}, data.classes, counts,
-                           options.head_threshold, options.tail_threshold, linear, data.device, progress,
+                           options.groups, linear, data.device, progress,
                            embed_batch_size=options.batch_size)
     report = scored["splits"][options.split]
     groups = report["groups"] or {}
