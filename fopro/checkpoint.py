@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fopro import __version__
+from fopro.data.manifest import check_class_names
 from fopro.errors import FoproError
 from fopro.io import atomic_path, write_json
 from fopro.preprocess import Preprocess
@@ -89,6 +90,7 @@ def validate_meta(data: Any, source: str) -> None:
         fail("'classes' must be a non-empty list of names")
     if len(classes) > MAX_CLASSES or len(set(classes)) != len(classes):
         fail("'classes' must be unique names")
+    check_class_names(classes, source)
     if "num_classes" in data and data["num_classes"] != len(classes):
         fail(f"'num_classes' {data['num_classes']} differs from the {len(classes)} class names")
     size = data.get("image_size")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -50,6 +52,9 @@ class Rule:
 AT_LEAST_1 = Rule(lambda v: v >= 1, "must be at least 1")
 NOT_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
 POSITIVE = Rule(lambda v: v > 0, "must be greater than 0")
+MAX_IMAGE_SIZE = 2048  # a 2048 px batch of 32 already needs ~1.6 GB for its inputs alone
+IMAGE_SIZE = Rule(lambda v: 16 <= v <= MAX_IMAGE_SIZE, f"must be between 16 and {MAX_IMAGE_SIZE} pixels")
+DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "is not a device fopro runs on: use auto, cpu, cuda or cuda:N")
 
 
 def option(
@@ -90,7 +95,10 @@ class DistillConfig:
     images: str | None = option(help="Folder the CSV image paths are relative to (ISIC: the .jpg folder).", panel=DATA, path=True)
     image_column: str | None = option(help="CSV column with the image path or id (auto-detected when unambiguous).", panel=DATA)
     label_column: str | None = option(help="CSV column with the label, a class name or index (auto-detected).", panel=DATA)
-    classes: list[str] | None = option(help="Comma-separated class names, in class-index order (default: sorted names).", panel=DATA, cli_text=True)
+    classes: list[str] | None = option(
+        help='Class names in class-index order, comma-separated or a JSON list (names with commas: \'["a, b", "c"]\'); default: sorted names.',
+        panel=DATA, cli_text=True,
+    )
     imbalance: float | None = option(
         help="Subsample the training split to this long-tail factor (rarest/most frequent, in (0, 1]).", panel=DATA,
         rule=Rule(lambda v: 0 < v <= 1, "is outside (0, 1]: give the ratio rarest/most frequent, e.g. 0.01"),
@@ -123,12 +131,12 @@ class DistillConfig:
     )
     teacher_image_size: int | None = option(
         help="Teacher input size (default: the student's, rounded to the patch size of ViT teachers).", panel=TEACHER,
-        rule=Rule(lambda v: v >= 16, "must be at least 16 pixels"),
+        rule=IMAGE_SIZE,
     )
     student: str = option("resnet18", "Student: any timm model name.", STUDENT)
     student_pretrained: bool = option(False, "Start the student from timm's pretrained weights (hub) instead of random init.", STUDENT)
     student_weights: str | None = option(help="Local pretrained weights for the student (its classifier is re-initialised).", panel=STUDENT, path=True)
-    image_size: int = option(64, "Student (and FPG) input size in pixels.", STUDENT, rule=Rule(lambda v: v >= 16, "must be at least 16 pixels"))
+    image_size: int = option(64, "Student (and FPG) input size in pixels.", STUDENT, rule=IMAGE_SIZE)
     # method
     method: str = option(
         "fopro", "none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head) | fopro (EKD + FPG + AKD).", METHOD, choices=METHODS
@@ -159,7 +167,10 @@ class DistillConfig:
     probe_init: str | None = option(help="Start the dataset-level prompt from a probe.json (amplify the preferred bands).", panel=FPG, path=True)
     # optimisation
     epochs: int = option(100, "Training epochs (default 100; 6 on the synthetic demo).", OPTIM, rule=AT_LEAST_1)
-    batch_size: int = option(32, "Images per step (per process under torchrun).", OPTIM, rule=AT_LEAST_1)
+    batch_size: int = option(
+        32, "Images per step (per process under torchrun).", OPTIM,
+        rule=Rule(lambda v: v >= 2, "must be at least 2 (batch normalisation needs two images per step)"),
+    )
     optimizer: str = option("adam", "adam | sgd (momentum, Nesterov).", OPTIM, choices=OPTIMIZERS)
     lr: float | None = option(
         help="Peak learning rate, or auto: Adam 1e-3 x sqrt(global batch / 32), SGD 0.1 x global batch / 256.", panel=OPTIM,
@@ -173,7 +184,7 @@ class DistillConfig:
     balanced_sampler: bool = option(False, "Class-balanced sampling instead of shuffling.", OPTIM)
     amp: str = option("none", "Mixed precision on GPU: none | bf16 | fp16.", OPTIM, choices=AMP_MODES)
     channels_last: bool = option(True, "channels_last memory format on GPU.", OPTIM)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N.", OPTIM)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.", OPTIM, rule=DEVICE)
     workers: int | None = option(help="Data loader worker processes (default: 0 for in-memory datasets, else cores - 1).", panel=OPTIM, rule=NOT_NEGATIVE)
     seed: int = option(0, "Random seed (same seed on CPU: same weights, bit for bit).", OPTIM)
     # run
@@ -356,29 +367,40 @@ def resolve_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> D
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """A value from the command line, a config file or config.json, as the field's type (or one clear error)."""
+    """A value from the command line, a config file or config.json, as the field's type (or one clear error).
+
+    Strict: a boolean is not a number, a list is not a path, a number is not a name."""
     if value is None:
         return None
-    if key == "classes" and isinstance(value, str):
-        return [c.strip() for c in value.split(",") if c.strip()]
+    if key == "classes":
+        return _class_list(value)
     if key == "scale":
         return list(parse_scale(value))
     if key == "lr" and value == "auto":
         return None
     if isinstance(value, Path):
-        return str(value)
+        value = str(value)
     kind = value_type(key)
     try:
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if kind is int and not isinstance(value, bool):
+        if kind in (int, float) and isinstance(value, (bool, list, dict)):
+            raise ValueError
+        if kind is int:
             if float(value) != int(value):
                 raise ValueError
             return int(value)
-        if kind is float and not isinstance(value, bool):
-            return float(value)
+        if kind is float:
+            number = float(value)
+            if not math.isfinite(number):
+                raise FoproError(f"option {key} = {value!r} is not a finite number: give a value such as {FIELDS[key].default or 1.0}")
+            return number
+        if kind is str and not isinstance(value, str):
+            raise ValueError
+        if kind is dict and not isinstance(value, dict):
+            raise ValueError
     except (TypeError, ValueError, OverflowError):
         if key == "lr":
             raise FoproError(f"--lr {value} is not a number: give a learning rate such as 1e-3, or auto") from None
@@ -386,7 +408,21 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false"}
+_TYPE_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "text (one name or path)", dict: "a mapping"}
+
+
+def _class_list(value: Any) -> list[str]:
+    """--classes: comma-separated text, a JSON list (names that hold commas), or a config file's list of names."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise FoproError(f"--classes {value} is not a JSON list of names ({err.msg}): give e.g. '[\"a, b\", \"c\"]' or a,b,c") from None
+    if isinstance(value, str):
+        return [c.strip() for c in value.split(",") if c.strip()]
+    if not isinstance(value, list) or not all(isinstance(c, str) and c.strip() for c in value):
+        raise FoproError(f"option classes = {value!r} must be a list of class names (text), e.g. [a, b, c]")
+    return [c.strip() for c in value]
 
 
 def absolute_paths(config: DistillConfig) -> DistillConfig:

@@ -14,7 +14,7 @@ import torch
 from fopro.models.weights import build_model
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
-from fopro.io import write_json, write_text
+from fopro.io import check_output_folder, write_json, write_text
 from fopro.metrics import DEFAULT_GROUPS, LongTailGroups, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
@@ -99,6 +99,7 @@ def evaluate(
     if options.batch_size <= 0:
         raise FoproError(f"--batch-size {options.batch_size} must be greater than 0")
     if out_dir is not None:
+        check_output_folder(out_dir, "--out", (data.data, data.images))
         check_writable_dir(Path(out_dir), "--out")
     predictor = load_predictor(model_path, options.device)
     splits = load_splits(data, splits=(options.split,), classes=predictor.classes)

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +44,74 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, option: str) -> Iterator[None]:
+    """Hold FOLDER/.fopro.lock (with this process id) while the block runs: a second fopro process that wants the
+    same folder stops with one line. A lock left by a process that no longer runs is taken over. A folder this
+    call created and left empty is removed again."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and _running(owner):
+                raise FoproError(f"{option} {folder} is in use by fopro process {owner}: wait for it to finish or choose another folder") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise FoproError(f"{option} {folder}: cannot take its lock {lock}: choose another folder")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+LOCK_NAME = ".fopro.lock"
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def check_output_folder(folder: str | Path, option: str, data_folders: Iterable[str | Path | None] = ()) -> None:
+    """Fail before the work when an output folder cannot hold files: it (or a folder above it) is a file, or it lies
+    inside a data folder, where the next run would read its plots and files as images."""
+    folder = Path(folder)
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                what = "is a file" if existing == folder else f"is under {existing}, which is a file"
+                raise FoproError(f"{option} {folder} {what}: give a folder for the output")
+            break
+    resolved = folder.resolve()
+    for data in data_folders:
+        if data is None or not Path(data).is_dir():
+            continue
+        root = Path(data).resolve()
+        if resolved == root or root in resolved.parents:
+            raise FoproError(f"{option} {folder} is inside the data folder {data}: its files would be read as data; choose a folder outside it")

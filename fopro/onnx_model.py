@@ -17,6 +17,7 @@ import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from fopro import __version__
+from fopro.data.manifest import check_class_names
 from fopro.errors import FoproError, first_line
 from fopro.preprocess import Preprocess
 
@@ -89,6 +90,7 @@ def read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     classes = get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
         raise FoproError(f"{path}: the fopro metadata 'classes' must be a non-empty list of names: export the model again")
+    check_class_names(classes, str(path))
     size = get("image_size")
     mean, std = get("mean"), get("std")
     if not isinstance(size, int) or size <= 0:

@@ -29,7 +29,7 @@ from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barr
 from fopro.errors import FoproError
 from fopro.evaluate import EvalOptions, TorchPredictor, evaluate, predict
 from fopro.fpg import FourierPromptGenerator
-from fopro.io import atomic_path, write_text
+from fopro.io import atomic_path, check_output_folder, folder_lock, write_text
 from fopro import linear_probe
 from fopro.linear_probe import fit_teacher_probe, score_probe
 from fopro.losses import SupervisedLoss
@@ -47,7 +47,7 @@ LOG_EVERY = 10  # steps between the progress line's loss updates (each one synch
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once a resumable state has been saved."""
+    """Raised after Ctrl-C or SIGTERM once a resumable state has been saved."""
 
     def __init__(self, run_dir: Path, epoch: int, step: int):
         super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; resume with: fopro distill --resume {run_dir}")
@@ -81,9 +81,10 @@ class Run:
     step: int = 0
 
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, overwrite: bool, data_folders: tuple[str | None, ...] = ()) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise FoproError(f"--out {run_dir} is a file: give a folder for the run")
+    check_output_folder(run_dir, "--out", data_folders)
     if any((run_dir / marker).exists() for marker in RUN_MARKERS) and not overwrite:
         raise FoproError(
             f"--out {run_dir} already holds a run: pass --overwrite to replace it, --resume {run_dir} to continue it, "
@@ -205,17 +206,20 @@ def autocast(run: Run):
 
 @contextmanager
 def interrupt_flag() -> Iterator[dict[str, bool]]:
-    """Ctrl-C sets a flag that the loop checks between steps, so a resumable state can be saved first."""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) sets a flag that the loop checks between steps, so a
+    resumable state can be saved first."""
     flag = {"stop": False}
+    stop = lambda *_: flag.__setitem__("stop", True)  # noqa: E731
     try:
-        previous = signal.signal(signal.SIGINT, lambda *_: flag.__setitem__("stop", True))
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(
@@ -234,20 +238,20 @@ def train(
     if not env.is_main:
         progress = no_progress
     if not resume and env.is_main:
-        check_run_dir(run_dir, overwrite)
-    barrier(env)
-    run = build_run(config, run_dir, progress, env)
-    if resume:
-        restore(run, load_state(run_dir / "resume.safetensors"))
-    elif env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.json")
-    scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda" and config.amp == "fp16")
-    with interrupt_flag() as flag:
-        while run.epoch < config.epochs:
-            train_epoch(run, scaler, flag, progress)
-            end_epoch(run, progress)
-    return finish(run, progress)
+        check_run_dir(run_dir, overwrite, (config.data, config.images, config.unlabeled))
+    with folder_lock(run_dir, "--resume" if resume else "--out") if env.is_main else nullcontext():
+        barrier(env)
+        run = build_run(config, run_dir, progress, env)
+        if resume:
+            restore(run, load_state(run_dir / "resume.safetensors"))
+        elif env.is_main:
+            save_config(config, run_dir / "config.json")
+        scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda" and config.amp == "fp16")
+        with interrupt_flag() as flag:
+            while run.epoch < config.epochs:
+                train_epoch(run, scaler, flag, progress)
+                end_epoch(run, progress)
+        return finish(run, progress)
 
 
 def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], progress: ProgressFn) -> None:

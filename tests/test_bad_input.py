@@ -12,9 +12,11 @@ import json
 import os
 import pickle
 import re
+import struct
 import subprocess
 import sys
 import traceback
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from helpers import make_image_folder, tiny_checkpoint, truncate, write_csv
 
 CLASSES = ["a", "b", "c"]
 COUNTS = {"train": {"a": 2, "b": 3, "c": 4}, "val": {"a": 1, "b": 1, "c": 1}, "test": {"a": 2, "b": 2, "c": 2}}
-PROGRESS_LINE = re.compile(r"^.+: \d+/\d+ done$")  # what progress_bar logs on stderr when it is not a terminal
+PROGRESS_LINE = re.compile(r"^.+: \d+/\d+ (done|so far)$")  # what progress_bar logs on stderr when it is not a terminal
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -120,6 +122,53 @@ def _class_folder_without_images(s, tmp):
     (root / "train" / "empty_class").mkdir()
     (root / "train" / "empty_class" / "notes.txt").write_text("not an image")
     return ["data", "info", "--data", root], [str(root / "train"), "empty_class", "hold no images"]
+
+
+def _class_name_with_escapes(s, tmp):
+    root = make_image_folder(tmp / "d", {"train": {"a": 2, "b\x1b[2Jc": 2}})
+    return ["data", "info", "--data", root], ["'b\\x1b[2Jc'", "control characters"]
+
+
+def _checkpoint_class_with_escapes(s, tmp):
+    weights = s.checkpoint_copy(tmp)
+    meta_path = weights.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["classes"] = ["a", "b\x1b]0;pwned\x07", "c"]
+    meta_path.write_text(json.dumps(meta))
+    return ["eval", weights, "--data", s.data, "--device", "cpu"], [str(meta_path), "control characters"]
+
+
+def _fifo_is_not_an_image(s, tmp):
+    root = make_image_folder(tmp / "d", {"train": {"a": 2, "b": 2}})
+    (root / "train" / "pipe").mkdir()
+    os.mkfifo(root / "train" / "pipe" / "x.png")  # reading it would block forever
+    return ["data", "info", "--data", root], [str(root / "train"), "pipe", "hold no images"]
+
+
+def _class_folder_links_into_the_data(s, tmp):
+    root = make_image_folder(tmp / "d", {"train": {"a": 2, "b": 2}})
+    (root / "train" / "again").symlink_to(root / "train", target_is_directory=True)
+    return ["data", "info", "--data", root], [str(root / "train" / "again"), "count twice"]
+
+
+def _csv_column_twice(s, tmp):
+    csv_path = write_csv(tmp / "train.csv", ["image", "label", "label"], [["train/a/a_000.png", "a", "b"]])
+    return ["data", "info", "--train-csv", csv_path, "--images", s.data], [str(csv_path), "'label' appears twice"]
+
+
+def _csv_empty_label(s, tmp):
+    csv_path = write_csv(tmp / "train.csv", ["image", "label"], [["train/a/a_000.png", "a"], ["train/b/b_000.png", ""]])
+    return ["data", "info", "--train-csv", csv_path, "--images", s.data], [f"{csv_path}:3", "'label' cell is empty"]
+
+
+def _png_bomb(s, tmp):
+    root = make_image_folder(tmp / "d", {"test": {"a": 2, "b": 2, "c": 2}})
+    bomb = root / "test" / "b" / "b_001.png"
+    data = bytearray(bomb.read_bytes())  # a 32 px PNG whose header claims 20000 x 20000 pixels
+    data[16:24] = struct.pack(">II", 20000, 20000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    bomb.write_bytes(bytes(data))
+    return ["eval", s.checkpoint, "--data", root, "--device", "cpu"], [str(bomb), "1 image(s) of the test split"]
 
 
 def _split_missing(s, tmp):
@@ -260,6 +309,47 @@ def _config_unknown_key(key: str) -> Build:
     return build
 
 
+def _config_value(text: str, key: str, suffix: str = ".yaml") -> Build:
+    """A config file whose `key` has a value of the wrong kind (a key the command line of the case does not set)."""
+
+    def build(s, tmp):
+        config = tmp / f"run{suffix}"
+        config.write_text(text)
+        return distill_args(s, tmp, "--config", config), [f"option {key} = "]
+
+    return build
+
+
+def _run_folder_in_use(s, tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / ".fopro.lock").write_text(str(os.getpid()))  # a live fopro process holds it
+    return distill_args(s, tmp), [f"--out {tmp / 'run'}", "is in use by fopro process"]
+
+
+def _lock_kept(s, tmp, message):
+    assert (tmp / "run" / ".fopro.lock").read_text() == str(os.getpid()), "the other process's lock is left alone"
+    assert sorted(p.name for p in (tmp / "run").iterdir()) == [".fopro.lock"], "nothing is written beside it"
+
+
+def _out_under_a_file(s, tmp):
+    (tmp / "afile").write_text("a file")
+    return distill_args(s, tmp, "--out", tmp / "afile" / "run"), [str(tmp / "afile"), "is a file"]
+
+
+def _out_inside_data(command: str) -> Build:
+    def build(s, tmp):
+        out = s.data / "train" / "run1"
+        args = distill_args(s, tmp, "--out", out) if command == "distill" else [
+            "eval", s.checkpoint, "--data", s.data, "--device", "cpu", "--out", out]
+        return args, [f"--out {out}", f"inside the data folder {s.data}"]
+
+    return build
+
+
+def _nothing_inside_data(s, tmp, message):
+    assert not (s.data / "train" / "run1").exists(), "nothing is written into the data"
+
+
 def _config_invalid_yaml(s, tmp):
     config = tmp / "run.yaml"
     config.write_text("epochs: [1, 2\nlr: : 0.1\n")
@@ -378,7 +468,7 @@ def _out_is_a_file(s, tmp):
 def _eval_out_under_a_file(s, tmp):
     (tmp / "results").write_text("a file")
     out = tmp / "results" / "eval"
-    return ["eval", s.checkpoint, "--data", s.data, "--device", "cpu", "--out", out], [str(out), "cannot write"]
+    return ["eval", s.checkpoint, "--data", s.data, "--device", "cpu", "--out", out], [str(out), "which is a file"]
 
 
 def _export_onnx_under_a_file(s, tmp):
@@ -397,6 +487,12 @@ CASES: list[Case] = [
     Case("data-empty-directory", "data", _data_empty, ("ROOT/<split>/<class name>/<image>",)),
     Case("data-class-folder-without-images", "data", _class_folder_without_images, ("add images or remove the folder",)),
     Case("data-split-missing-eval", "data", _split_missing, ("add test/<class name>/<image>", "another --split")),
+    Case("class-name-with-terminal-escapes", "data", _class_name_with_escapes, ("rename that class",)),
+    Case("fifo-named-like-an-image", "data", _fifo_is_not_an_image, ("add images or remove the folder",)),
+    Case("class-folder-links-into-the-data", "data", _class_folder_links_into_the_data, ("remove the link",)),
+    Case("csv-column-twice", "data", _csv_column_twice, ("rename or remove one",)),
+    Case("csv-empty-label", "data", _csv_empty_label, ("fill it in or remove the row",)),
+    Case("png-decompression-bomb", "data", _png_bomb, ("--skip-bad-images",)),
     Case("csv-path-missing", "data", _csv_missing_file, ("check the --train-csv path",)),
     Case("csv-missing-columns", "data", _csv_missing_columns, ("name it with --label-column",)),
     Case("csv-named-column-absent", "data", _csv_unknown_column, ("its columns are",)),
@@ -413,8 +509,8 @@ CASES: list[Case] = [
     # ---- options
     Case("epochs-zero", "options", _option("--epochs", "0"), ("must be at least 1",)),
     Case("epochs-negative", "options", _option("--epochs", "-3"), ("must be at least 1",)),
-    Case("batch-size-zero", "options", _option("--batch-size", "0"), ("must be at least 1",)),
-    Case("batch-size-negative", "options", _option("--batch-size", "-8"), ("must be at least 1",)),
+    Case("batch-size-zero", "options", _option("--batch-size", "0"), ("must be at least 2",)),
+    Case("batch-size-negative", "options", _option("--batch-size", "-8"), ("must be at least 2",)),
     Case("lr-zero", "options", _option("--lr", "0.0"), ("must be greater than 0",)),
     Case("lr-negative", "options", _option("--lr", "-0.001"), ("must be greater than 0",)),
     Case("eval-batch-size-zero", "options", _option("--batch-size", "0", "eval"), ("must be greater than 0",)),
@@ -436,6 +532,15 @@ CASES: list[Case] = [
          ("choose tail <= head",), _data_not_reached),
     Case("probe-init-missing", "options", _before_data("--probe-init", "missing-probe.json"), ("give the probe.json written by fopro probe",),
          _data_not_reached),
+    Case("batch-size-one", "options", _option("--batch-size", "1"), ("must be at least 2",)),
+    Case("image-size-huge", "options", _before_data("--image-size", "100000"), ("between 16 and 2048",), _data_not_reached),
+    Case("device-unknown", "options", _before_data("--device", "mps"), ("use auto, cpu, cuda or cuda:N",), _data_not_reached),
+    Case("config-bool-for-integer", "options", _config_value("fpg_hidden = true\n", "fpg_hidden", ".toml"), ("expected an integer",)),
+    Case("config-list-for-path", "options", _config_value("images: [a, b]\n", "images"), ("expected text",)),
+    Case("config-number-for-path", "options", _config_value("probe_init: 5\n", "probe_init"), ("expected text",)),
+    Case("config-classes-mapping", "options", _config_value("classes: {a: 1}\n", "classes"), ("a list of class names",)),
+    Case("config-classes-nested-list", "options", _config_value("classes: [[a], b]\n", "classes"), ("a list of class names",)),
+    Case("config-lr-infinite", "options", _config_value("lr: .inf\n", "lr"), ("not a finite number",)),
     Case("config-unknown-key-close-name", "options", _config_unknown_key("epoch"), ("(did you mean epochs?)",)),
     Case("config-unknown-key-no-close-name", "options", _config_unknown_key("learning_rate"), ("options of `fopro distill --help`",)),
     Case("config-invalid-yaml", "options", _config_invalid_yaml, ("fix the syntax",)),
@@ -445,6 +550,7 @@ CASES: list[Case] = [
     Case("teacher-weights-shape-mismatch-probe", "models", _teacher_weights_wrong_shape, ("give the architecture these weights belong to",)),
     Case("checkpoint-json-disagrees-eval", "models", _json_disagrees("eval"), ("does not belong to these weights",)),
     Case("checkpoint-json-disagrees-export", "models", _json_disagrees("export"), ("does not belong to these weights",)),
+    Case("checkpoint-class-name-with-terminal-escapes", "models", _checkpoint_class_with_escapes, ("rename that class",)),
     Case("checkpoint-json-not-json", "models", _json_not_json, ("restore it from the run",)),
     Case("checkpoint-corrupted-safetensors", "models", _corrupted_checkpoint, ("copy it again",)),
     Case("teacher-weights-corrupted-safetensors", "models", _corrupted_teacher_weights, ("copy it again",)),
@@ -455,7 +561,11 @@ CASES: list[Case] = [
     # ---- outputs
     Case("distill-into-existing-run", "outputs", _existing_run, ("--overwrite", "--resume"), _existing_run_untouched),
     Case("distill-out-is-a-file", "outputs", _out_is_a_file, ("give a folder for the run",)),
-    Case("eval-out-under-a-file", "outputs", _eval_out_under_a_file, ("choose a writable output path",)),
+    Case("eval-out-under-a-file", "outputs", _eval_out_under_a_file, ("give a folder for the output",)),
+    Case("distill-run-folder-in-use", "outputs", _run_folder_in_use, ("wait for it to finish",), _lock_kept),
+    Case("distill-out-under-a-file", "outputs", _out_under_a_file, ("give a folder for the output",)),
+    Case("distill-out-inside-data", "outputs", _out_inside_data("distill"), ("choose a folder outside it",), _nothing_inside_data),
+    Case("eval-out-inside-data", "outputs", _out_inside_data("eval"), ("choose a folder outside it",), _nothing_inside_data),
     Case("export-onnx-under-a-file", "outputs", _export_onnx_under_a_file, ("choose a writable output path",)),
     Case("export-onnx-wrong-suffix", "outputs", _export_onnx_suffix, ("must end in .onnx",)),
 ]

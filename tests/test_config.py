@@ -87,6 +87,13 @@ def test_the_data_options_of_every_command_are_the_schemas() -> None:
             assert params[name].help == FIELDS[name].metadata["help"], (command, name)
 
 
+def test_class_names_with_commas_as_a_json_list() -> None:
+    assert resolve_config({}, {"classes": '["nevus, atypical", "melanoma"]'}).classes == ["nevus, atypical", "melanoma"]
+    assert resolve_config({}, {"classes": "a, b,c"}).classes == ["a", "b", "c"]
+    with pytest.raises(FoproError, match="not a JSON list"):
+        resolve_config({}, {"classes": '["a", '})
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -94,7 +101,7 @@ def test_the_data_options_of_every_command_are_the_schemas() -> None:
         ({"fpg_mode": "spatial"}, "--fpg-mode spatial is not known"),
         ({"fpg_hidden": 0}, "--fpg-hidden 0 must be at least 1"),
         ({"tail_threshold": 30, "head_threshold": 10}, "--tail-threshold 30 is above --head-threshold 10"),
-        ({"teacher_image_size": 8}, "--teacher-image-size 8 must be at least 16"),
+        ({"teacher_image_size": 8}, "--teacher-image-size 8 must be between 16 and 2048"),
         ({"augment": "xray"}, "--augment xray is not known"),
         ({"workers": "two"}, "workers = 'two' has the wrong type: expected an integer"),
         ({"skip_bad_images": "yes"}, "expected true or false"),

@@ -533,3 +533,47 @@ def test_data_info_reports_counts_and_groups(folder: Path) -> None:
     assert "imbalance_applied" not in info
     shutil.rmtree(folder / "train")
     assert "groups" not in data_info(DataOptions(data=folder))
+
+
+# --- what a careless or hostile data folder holds (issue: hardening) ----------------------------------
+
+
+def test_images_in_hidden_sub_folders_are_not_read(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    write_image(root / "train" / "a" / ".ipynb_checkpoints" / "a_000-checkpoint.png")
+    write_image(root / "train" / "a" / "scans" / "a_extra.png")  # a visible sub-folder is read
+    manifest = load_splits(DataOptions(data=root))["train"]
+    assert sorted(p.name for p in manifest.paths) == ["a_000.png", "a_001.png", "a_extra.png", "b_000.png", "b_001.png"]
+
+
+def test_a_semicolon_csv_is_read_like_a_comma_one(tmp_path: Path, image_dir: Path) -> None:
+    rows = [["img0.png", "a"], ["img1.png", "a"], ["img2.png", "b"]]
+    comma = write_csv(tmp_path / "comma.csv", ["image", "label"], rows)
+    semicolon = tmp_path / "semicolon.csv"
+    semicolon.write_text("image;label\n" + "".join(f"{image};{label}\n" for image, label in rows), encoding="utf-8")
+    read = lambda path: load_splits(DataOptions(train_csv=path, images=image_dir))["train"]  # noqa: E731
+    assert (read(semicolon).paths, read(semicolon).labels) == (read(comma).paths, read(comma).labels)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A phone / dermoscope JPEG stored sideways with orientation 6 (rotate 90 clockwise to display) loads upright."""
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:, :16] = 255  # left half white, as stored (32 wide, 16 high)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = np.asarray(Image.fromarray(stored).transpose(Image.Transpose.ROTATE_270))  # what a viewer shows: 16 x 32
+    loaded = load_image(path, 32).permute(1, 2, 0).numpy()
+    expected = np.asarray(Image.fromarray(upright).resize((32, 32), Image.BILINEAR))
+    assert np.abs(loaded.astype(int) - expected.astype(int)).mean() < 20  # JPEG and resampling noise only
+    assert loaded[:16].mean() > 200 and loaded[16:].mean() < 55  # top white: the stored left half is now on top
+
+
+def test_a_fifo_listed_in_a_csv_is_not_read(tmp_path: Path, image_dir: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    csv_path = write_csv(tmp_path / "train.csv", ["image", "label"], [["img0.png", "a"], [str(tmp_path / "pipe.png"), "b"]])
+    with pytest.raises(FoproError, match="not regular files"):
+        load_splits(DataOptions(train_csv=csv_path, images=image_dir))

@@ -21,6 +21,7 @@ from fopro.cli import app
 from fopro.config import DistillConfig, read_config_file, resolve_config
 from fopro.distill import distill
 from fopro.errors import FoproError
+from fopro.io import LOCK_NAME
 from fopro.fpg import FourierPromptGenerator
 from fopro.methods import FeatureKD, FoProKD
 from fopro.state import load_state
@@ -66,7 +67,8 @@ def _sha(path: Path) -> str:
 
 
 def _tree_bytes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The files of a run folder by content (the run's lock, held only while it runs, left out)."""
+    return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fopro.config import DATA_KEYS, FIELDS, OPTION_FIELDS, data_options_of, value_type
+from fopro.data.manifest import has_control_characters
 from fopro.errors import FoproError
 from fopro.metrics import LongTailGroups
 from fopro.runtime import ProgressFn
@@ -25,6 +27,7 @@ from fopro.runtime import ProgressFn
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
+LOG_SECONDS = 30.0  # without a terminal, a progress line at least this often
 
 
 def cli_errors(func: Callable) -> Callable:
@@ -39,7 +42,7 @@ def cli_errors(func: Callable) -> Callable:
         except FoproError as err:
             if STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(printable(str(err)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/yellow]")
@@ -49,7 +52,7 @@ def cli_errors(func: Callable) -> Callable:
                 raise
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             err_console.print(
-                f"[bold red]internal error:[/bold red] {type(err).__name__}: {escape(message)} "
+                f"[bold red]internal error:[/bold red] {type(err).__name__}: {escape(printable(message))} "
                 "(run with --debug for the traceback, and please report it)",
                 highlight=False,
                 soft_wrap=True,
@@ -57,6 +60,11 @@ def cli_errors(func: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def printable(text: str) -> str:
+    """Text from files (paths, names) with control characters shown as escapes, never sent to the terminal raw."""
+    return "".join(ascii(char)[1:-1] if has_control_characters(char) else char for char in text)
 
 
 def print_json(data: Any) -> None:
@@ -72,10 +80,15 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
         yield lambda description, done, total: None
         return
     if not err_console.is_terminal:
-        # no terminal (a log file, CI): one plain line each time a task completes
+        # no terminal (a log file, CI): one plain line each time a task completes, and one every LOG_SECONDS
+        last_line = {"at": time.monotonic()}
+
         def log_line(description: str, done: int, total: int) -> None:
-            if done == total:
-                err_console.print(f"{description}: {done}/{total} done", highlight=False, soft_wrap=True)
+            now = time.monotonic()
+            if done == total or now - last_line["at"] >= LOG_SECONDS:
+                last_line["at"] = now
+                state = "done" if done == total else "so far"
+                err_console.print(f"{description}: {done}/{total} {state}", highlight=False, soft_wrap=True)
 
         yield log_line
         return

@@ -6,12 +6,13 @@ the raw image and teacher and student have different mean/std and input sizes.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fopro.data.augment import DEFAULT_PRESET, PRESETS, AugmentConfig, augment
 from fopro.data.manifest import Manifest
@@ -19,6 +20,10 @@ from fopro.errors import FoproError
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
 MAX_LISTED = 5
+# Larger images are treated as unreadable (a decompression bomb, or a scan no classifier input needs):
+# 64 megapixels is an 8000 x 8000 image, ~190 MB decoded; whole-slide images must be tiled first.
+MAX_IMAGE_PIXELS = 64_000_000
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -38,14 +43,34 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def open_image(path: Path) -> Image.Image:
+    """PIL's lazy image of a regular file within MAX_IMAGE_PIXELS (header read only); BadImageError otherwise."""
+    if not path.is_file():
+        raise BadImageError(path, "not a regular file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except DECODE_ERRORS as err:
+            raise BadImageError(path, str(err)) from err
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise BadImageError(path, f"{width} x {height} pixels is above fopro's limit of {MAX_IMAGE_PIXELS // 1_000_000} megapixels; downscale or tile it")
+    return image
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased)."""
-    try:
-        with Image.open(path) as image:
+    """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased), upright as displayed (EXIF
+    orientation applied); large JPEGs are decoded at a reduced scale (still at least 2 x size) first."""
+    with open_image(path) as image:
+        try:
+            if image.format == "JPEG" and min(image.size) >= 4 * size:
+                image.draft("RGB", (2 * size, 2 * size))
             image.load()
-            array = to_rgb_array(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(path, str(err)) from err
+            array = to_rgb_array(ImageOps.exif_transpose(image))
+        except DECODE_ERRORS as err:
+            raise BadImageError(path, str(err)) from err
     array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # PIL's buffer is read-only: torch warns and sharing it is undefined
         array = array.copy()
@@ -57,11 +82,11 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def verify_image(path: Path) -> None:
-    try:
-        with Image.open(path) as image:
+    with open_image(path) as image:
+        try:
             image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImageError(path, str(err)) from err
+        except DECODE_ERRORS as err:
+            raise BadImageError(path, str(err)) from err
 
 
 class BadImageError(FoproError):

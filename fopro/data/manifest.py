@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fopro.errors import FoproError
+
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): the supervised losses skip it
+
+
+def has_control_characters(text: str) -> bool:
+    """Terminal escapes, line breaks, bidirectional overrides, zero-width marks: text that must not reach a screen."""
+    return any(unicodedata.category(char) in ("Cc", "Cf") for char in text)
+
+
+def check_class_names(names: Iterable[str], source: str) -> None:
+    """Class names come from folders, CSVs, checkpoints and ONNX files, and are printed: refuse control characters."""
+    bad = next((name for name in names if has_control_characters(name)), None)
+    if bad is not None:
+        raise FoproError(f"{source}: the class name {ascii(bad)} holds control characters (escapes, line breaks): rename that class")
 
 
 @dataclass

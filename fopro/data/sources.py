@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fopro.data.longtail import check_imbalance, longtail_indices
-from fopro.data.manifest import Manifest
+from fopro.data.manifest import Manifest, check_class_names
 from fopro.errors import FoproError
 
 SPLITS = ("train", "val", "test")
@@ -93,6 +93,7 @@ def load_splits(
     if not raw:
         raise FoproError(f"none of the splits {', '.join(splits)} was found in {options.describe()}")
     class_list = classes or default_classes or _class_list(raw)
+    check_class_names(class_list, options.describe())
     origin = "the classes of the model" if model_classes else "the classes"
     manifests = {split: _to_manifest(split, rows, class_list, source, origin) for split, (rows, source) in raw.items()}
     if options.imbalance is not None and "train" in manifests:
@@ -168,12 +169,11 @@ def _read_split_folder(folder: Path) -> Rows:
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise FoproError(f"{folder} has no class folders: put images in {folder}/<class name>/")
+    _check_links(folder, class_dirs)
     rows: Rows = []
     empty = []
     for class_dir in class_dirs:
-        images = sorted(
-            p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
+        images = sorted(p for p in class_dir.rglob("*") if is_image_file(p, class_dir))
         if not images:
             empty.append(class_dir.name)
         rows.extend((path, class_dir.name) for path in images)
@@ -183,6 +183,22 @@ def _read_split_folder(folder: Path) -> Rows:
             f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"
         )
     return rows
+
+
+def is_image_file(path: Path, root: Path) -> bool:
+    """A regular file (not a pipe or a device) with an image suffix, outside hidden files and folders under root."""
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file()
+
+
+def _check_links(folder: Path, class_dirs: list[Path]) -> None:
+    """A class folder that is a link into the data tree would count its images twice, under another class."""
+    root = folder.resolve()
+    for class_dir in class_dirs:
+        if class_dir.is_symlink():
+            target = class_dir.resolve()
+            if target == root or root in target.parents or target in root.parents:
+                raise FoproError(f"{class_dir} is a link to {target}, inside the data: its images would count twice; remove the link")
 
 
 def _read_csvs(
@@ -215,6 +231,10 @@ def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str]
     else:
         image_col = _pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
         label_col = _pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
+        for line, record in enumerate(records, start=2):
+            empty = next((column for column in (image_col, label_col) if not record[column]), None)
+            if empty is not None:
+                raise FoproError(f"{path}:{line}: the '{empty}' cell is empty: fill it in or remove the row")
         rows = [(resolve_image(images, r[image_col]), _label_name(r[label_col], classes)) for r in records]
     _check_rows(path, rows)
     return rows, isic
@@ -228,8 +248,13 @@ def read_csv_records(path: Path, name: str | None = None) -> tuple[list[str], li
     name = str(path) if name is None else name
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            first = handle.readline()
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter=_delimiter(first))
             header = [h.strip() for h in (reader.fieldnames or [])]
+            twice = next((h for h in header if header.count(h) > 1), None)
+            if twice is not None:
+                raise FoproError(f"{name}: the column '{twice}' appears twice in the header: rename or remove one")
             records = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise FoproError(f"{name} is not a readable CSV file ({err}): save it as UTF-8 CSV with a header") from err
@@ -238,6 +263,13 @@ def read_csv_records(path: Path, name: str | None = None) -> tuple[list[str], li
     if not records:
         raise FoproError(f"{name} has a header but no rows: add one row per image")
     return header, records
+
+
+def _delimiter(header_line: str) -> str:
+    """The CSV's delimiter, from its header line: ',' (the default), ';' (spreadsheets in many locales) or a tab."""
+    counts = {delimiter: header_line.count(delimiter) for delimiter in (",", ";", "\t")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] > 0 else ","
 
 
 def _csv_split(path: Path, options: DataOptions) -> str:
@@ -298,6 +330,6 @@ def _check_rows(path: Path, rows: Rows) -> None:
     missing = [image for image, _ in rows if not image.is_file()]
     if missing:
         raise FoproError(
-            f"{path}: {len(missing)} of {len(rows)} images do not exist, e.g. "
+            f"{path}: {len(missing)} of {len(rows)} images do not exist (or are not regular files), e.g. "
             f"{', '.join(str(m) for m in missing[:MAX_LISTED])}: check --images and the image column"
         )

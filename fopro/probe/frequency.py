@@ -57,7 +57,7 @@ from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, resolve_augment
 from fopro.data.sources import SPLITS
 from fopro.errors import FoproError
 from fopro.fourier import amplitude_phase, band_edges, band_masks, scale_band
-from fopro.io import write_json
+from fopro.io import check_output_folder, write_json
 from fopro.linear_probe import LinearProbeOptions, teacher_probe
 from fopro.metrics import DEFAULT_GROUPS, LongTailGroups
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
@@ -579,6 +579,8 @@ def run_probe(
     (which then only names it in the report).
     """
     edges, gains = check_options(options)
+    if out_dir is not None:
+        check_output_folder(out_dir, "--out", (data_options.data, data_options.images))
     data = _prepare(teacher_options, data_options, options, edges, teacher)
     linear, linear_notes = run_linear_probe(data, data_options, options, progress)  # first: bad train images fail fast
     clean, results, evaluation = _score_conditions(data, edges, gains, options, progress)

@@ -1,0 +1,76 @@
+"""Output folders: the run lock (one fopro process per folder, stale locks taken over) and the folder checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fopro.errors import FoproError
+from fopro.io import LOCK_NAME, check_output_folder, folder_lock
+
+
+def test_a_held_lock_stops_a_second_process(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with folder_lock(run, "--out"):
+        assert (run / LOCK_NAME).read_text() == str(os.getpid())
+        with pytest.raises(FoproError, match=f"--out {run} is in use by fopro process {os.getpid()}"):
+            with folder_lock(run, "--out"):
+                pass
+        assert (run / LOCK_NAME).exists(), "the loser leaves the winner's lock alone"
+    assert not run.exists(), "a folder the lock created and nothing filled is removed"
+
+
+def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(str(gone.pid))
+    with folder_lock(run, "--out"):
+        (run / "config.json").write_text("{}")
+        assert (run / LOCK_NAME).read_text() == str(os.getpid())
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_output_folders_under_a_file_or_inside_the_data(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FoproError, match="is under .*afile, which is a file"):
+        check_output_folder(tmp_path / "afile" / "out", "--out")
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for inside in (data, data / "train" / "run1"):
+        with pytest.raises(FoproError, match="inside the data folder"):
+            check_output_folder(inside, "--out", [None, data])
+    check_output_folder(tmp_path / "runs" / "a", "--out", [data])  # beside the data: fine
+
+
+def test_sigterm_asks_the_loop_to_save_and_stop() -> None:
+    import signal
+
+    from fopro.train import interrupt_flag
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt_flag() as flag:
+        signal.raise_signal(signal.SIGTERM)
+        assert flag["stop"] is True
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_without_a_terminal_long_work_prints_a_line_now_and_then(monkeypatch, capsys) -> None:
+    import fopro.cli.common as common
+
+    monkeypatch.setattr(common, "LOG_SECONDS", 0.0)
+    with common.progress_bar() as progress:
+        progress("decoding", 1, 3)
+        progress("decoding", 3, 3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["decoding: 1/3 so far", "decoding: 3/3 done"]
+
+
+def test_control_characters_never_reach_the_terminal() -> None:
+    from fopro.cli.common import printable
+
+    assert printable("scan\x1b[2J\u202e.png ok") == "scan\\x1b[2J\\u202e.png ok"
