@@ -32,6 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:  # a full disk, a quota, a folder removed under the run: the old file is kept
+        raise FoproError(f"cannot write {path}: {err.strerror or err}; free some space or choose another output path") from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -598,7 +598,7 @@ def test_the_readme_quotes_the_number_of_cases() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"**Bad input: {len(CASES)} cases**" in readme
     for kind, number in CASES_PER_KIND.items():
-        assert re.search(rf"{number} {kind[:-1] if kind != 'data' else kind} cases", readme), (kind, number)
+        assert re.search(rf"{number}\s+{kind[:-1] if kind != 'data' else kind} cases", readme), (kind, number)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{case.kind}:{case.id}" for case in CASES])

@@ -577,3 +577,11 @@ def test_a_fifo_listed_in_a_csv_is_not_read(tmp_path: Path, image_dir: Path) -> 
     csv_path = write_csv(tmp_path / "train.csv", ["image", "label"], [["img0.png", "a"], [str(tmp_path / "pipe.png"), "b"]])
     with pytest.raises(FoproError, match="not regular files"):
         load_splits(DataOptions(train_csv=csv_path, images=image_dir))
+
+
+def test_the_pixel_limit_is_an_option(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}}, size=32)
+    manifest = load_splits(DataOptions(data=root, max_pixels=32 * 32 - 1))["train"]
+    with pytest.raises(FoproError, match=r"32 x 32 pixels is above the limit of 1,023 pixels \(--max-image-pixels\)"):
+        checked_dataset(manifest, 32, skip_bad_images=False)
+    assert len(checked_dataset(load_splits(DataOptions(data=root, max_pixels=32 * 32))["train"], 32, False)) == 4

@@ -74,3 +74,16 @@ def test_control_characters_never_reach_the_terminal() -> None:
     from fopro.cli.common import printable
 
     assert printable("scan\x1b[2J\u202e.png ok") == "scan\\x1b[2J\\u202e.png ok"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path: Path) -> None:
+    import errno
+
+    from fopro.io import atomic_path, write_text
+
+    target = tmp_path / "metrics.json"
+    write_text(target, "old")
+    with pytest.raises(FoproError, match=f"cannot write {target}: No space left on device"):
+        with atomic_path(target):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

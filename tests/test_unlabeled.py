@@ -80,7 +80,7 @@ def test_unlabeled_manifest_feeds_an_image_dataset(pool: Path) -> None:
     dataset = ImageDataset(read_unlabeled(pool), image_size=16)
     image, label, index = dataset[3]
     assert tuple(image.shape) == (3, 16, 16) and label == -1 and index == 3
-    assert dataset.scan() == []
+    assert dataset.scan() == {}
 
 
 # ------------------------------------------------------------------------------------------ a CSV

@@ -15,14 +15,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fopro.data.augment import DEFAULT_PRESET, PRESETS, AugmentConfig, augment
-from fopro.data.manifest import Manifest
+from fopro.data.manifest import MAX_IMAGE_PIXELS, Manifest
 from fopro.errors import FoproError
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
 MAX_LISTED = 5
-# Larger images are treated as unreadable (a decompression bomb, or a scan no classifier input needs):
-# 64 megapixels is an 8000 x 8000 image, ~190 MB decoded; whole-slide images must be tiled first.
-MAX_IMAGE_PIXELS = 64_000_000
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
@@ -43,8 +40,8 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def open_image(path: Path) -> Image.Image:
-    """PIL's lazy image of a regular file within MAX_IMAGE_PIXELS (header read only); BadImageError otherwise."""
+def open_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """PIL's lazy image of a regular file of at most max_pixels pixels (header read only); BadImageError otherwise."""
     if not path.is_file():
         raise BadImageError(path, "not a regular file")
     with warnings.catch_warnings():
@@ -54,16 +51,16 @@ def open_image(path: Path) -> Image.Image:
         except DECODE_ERRORS as err:
             raise BadImageError(path, str(err)) from err
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > max_pixels:
         image.close()
-        raise BadImageError(path, f"{width} x {height} pixels is above fopro's limit of {MAX_IMAGE_PIXELS // 1_000_000} megapixels; downscale or tile it")
+        raise BadImageError(path, f"{width} x {height} pixels is above the limit of {max_pixels:,} pixels (--max-image-pixels); downscale or tile it")
     return image
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+def load_image(path: Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased), upright as displayed (EXIF
     orientation applied); large JPEGs are decoded at a reduced scale (still at least 2 x size) first."""
-    with open_image(path) as image:
+    with open_image(path, max_pixels) as image:
         try:
             if image.format == "JPEG" and min(image.size) >= 4 * size:
                 image.draft("RGB", (2 * size, 2 * size))
@@ -81,8 +78,8 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return tensor
 
 
-def verify_image(path: Path) -> None:
-    with open_image(path) as image:
+def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    with open_image(path, max_pixels) as image:
         try:
             image.verify()
         except DECODE_ERRORS as err:
@@ -93,6 +90,7 @@ class BadImageError(FoproError):
     def __init__(self, path: Path, reason: str):
         super().__init__(f"{path} cannot be read as an image ({reason}): replace it, or pass --skip-bad-images")
         self.path = path
+        self.reason = reason
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -134,27 +132,27 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def raw(self, index: int) -> torch.Tensor:
         if self._cache is None:
-            return load_image(self.manifest.paths[index], self.image_size)
+            return load_image(self.manifest.paths[index], self.image_size, self.manifest.max_pixels)
         cached = self._cache[index]
         if cached is None:
-            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size)
+            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size, self.manifest.max_pixels)
         return cached
 
-    def scan(self) -> list[int]:
-        """Indices of the images that cannot be read.
+    def scan(self) -> dict[int, str]:
+        """The images that cannot be read: {index: why}.
 
         With the cache on, every image is decoded once (filling the cache, catching truncated files);
         without it (large datasets), only the headers are verified and a bad image fails when loaded.
         """
-        bad = []
+        bad = {}
         for index in range(len(self)):
             try:
                 if self._cache is None:
-                    verify_image(self.manifest.paths[index])
+                    verify_image(self.manifest.paths[index], self.manifest.max_pixels)
                 else:
                     self.raw(index)
-            except BadImageError:
-                bad.append(index)
+            except BadImageError as err:
+                bad[index] = err.reason
         return bad
 
     def keep(self, indices: list[int]) -> None:
@@ -188,6 +186,7 @@ def checked_dataset(
     if not bad:
         return dataset
     paths = [str(manifest.paths[i]) for i in bad]
+    first = next(iter(bad.values()))
     if skip_bad_images and len(bad) == len(manifest):
         raise FoproError(
             f"none of the {len(bad)} image(s) of the {manifest.split} split can be read, e.g. {', '.join(paths[:MAX_LISTED])}: "
@@ -195,8 +194,8 @@ def checked_dataset(
         )
     if not skip_bad_images:
         raise FoproError(
-            f"{len(bad)} image(s) of the {manifest.split} split cannot be read, e.g. {', '.join(paths[:MAX_LISTED])}: "
-            "replace them, or pass --skip-bad-images to leave them out"
+            f"{len(bad)} image(s) of the {manifest.split} split cannot be read, e.g. {', '.join(paths[:MAX_LISTED])} "
+            f"(the first: {first}): replace them, or pass --skip-bad-images to leave them out"
         )
     bad_set = set(bad)
     dataset.keep([i for i in range(len(manifest)) if i not in bad_set])

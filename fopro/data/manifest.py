@@ -12,6 +12,9 @@ import numpy as np
 from fopro.errors import FoproError
 
 UNLABELED = -1  # the label of an unlabelled image (--unlabeled): the supervised losses skip it
+# Larger images are unreadable images (a decompression bomb, or a scan no classifier input needs): 64 megapixels
+# is an 8000 x 8000 image, ~190 MB decoded; whole-slide images must be tiled first (--max-image-pixels).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def has_control_characters(text: str) -> bool:
@@ -36,6 +39,7 @@ class Manifest:
     split: str = "train"
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    max_pixels: int = MAX_IMAGE_PIXELS  # images with more pixels count as unreadable
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -63,6 +67,7 @@ class Manifest:
             split=self.split,
             source=self.source,
             notes=list(self.notes),
+            max_pixels=self.max_pixels,
         )
 
     def image_ids(self) -> list[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fopro.data.longtail import check_imbalance, longtail_indices
-from fopro.data.manifest import Manifest, check_class_names
+from fopro.data.manifest import MAX_IMAGE_PIXELS, Manifest, check_class_names
 from fopro.errors import FoproError
 
 SPLITS = ("train", "val", "test")
@@ -35,6 +35,7 @@ class DataOptions:
     imbalance: float | None = None
     seed: int = 0
     skip_bad_images: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     def csv_for(self, split: str) -> Path | None:
         return {"train": self.train_csv, "val": self.val_csv, "test": self.test_csv}[split]
@@ -98,6 +99,8 @@ def load_splits(
     manifests = {split: _to_manifest(split, rows, class_list, source, origin) for split, (rows, source) in raw.items()}
     if options.imbalance is not None and "train" in manifests:
         manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
+    for manifest in manifests.values():
+        manifest.max_pixels = options.max_pixels
     return Splits(manifests=manifests, classes=class_list)
 
 
