@@ -15,7 +15,8 @@ from fopro.models.weights import build_model
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import check_output_folder, write_json, write_text
-from fopro.metrics import DEFAULT_GROUPS, LongTailGroups, compute_metrics
+from fopro.bootstrap import DEFAULT_RESAMPLES
+from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
 from fopro.plots import plot_confusion
@@ -28,6 +29,9 @@ class EvalOptions:
     batch_size: int = 64
     device: str = "auto"
     groups: LongTailGroups = DEFAULT_GROUPS
+    bootstrap: int = DEFAULT_RESAMPLES  # stratified bootstrap resamples for the 95 % intervals (0: none)
+    specificities: tuple[float, ...] = DEFAULT_SPECIFICITIES  # sensitivity is reported at each
+    seed: int = 0  # of the bootstrap
 
 
 class Predictor(Protocol):
@@ -98,6 +102,10 @@ def evaluate(
     """Evaluate a checkpoint or ONNX model on one split; returns the report (and writes its files to out_dir)."""
     if options.batch_size <= 0:
         raise FoproError(f"--batch-size {options.batch_size} must be greater than 0")
+    if options.bootstrap < 0:
+        raise FoproError(f"--bootstrap {options.bootstrap} must not be negative (0 turns the intervals off)")
+    if not options.specificities or not all(0 < s < 1 for s in options.specificities):
+        raise FoproError(f"--specificity {','.join(map(str, options.specificities))}: give targets in (0, 1), e.g. 0.9,0.95")
     if out_dir is not None:
         check_output_folder(out_dir, "--out", (data.data, data.images))
         check_writable_dir(Path(out_dir), "--out")
@@ -107,7 +115,8 @@ def evaluate(
     dataset = checked_dataset(manifest, predictor.preprocess.image_size, data.skip_bad_images)
     probs = predict(predictor, dataset, options.batch_size, progress)
     labels = np.asarray(dataset.manifest.labels)
-    report = compute_metrics(labels, probs, predictor.classes, predictor.train_counts, options.groups)
+    report = compute_metrics(labels, probs, predictor.classes, predictor.train_counts, options.groups,
+                             target_specificities=options.specificities, bootstrap=options.bootstrap, seed=options.seed)
     report["model"] = str(model_path)
     report["model_description"] = predictor.description
     report["split"] = options.split
@@ -139,8 +148,7 @@ def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: 
         "confusion": out_dir / "confusion.png",
     }
     write_json(files["metrics"], report)
-    columns = ["name", "index", "train_count", "support", "predicted", "precision", "recall", "specificity", "f1", "auc"]
-    write_text(files["per_class"], _csv_text([columns] + [[row[c] for c in columns] for row in report["per_class"]]))
+    write_text(files["per_class"], _csv_text(per_class_rows(report)))
     preds = probs.argmax(axis=1)
     rows = [["image", "label", "pred"] + [f"prob_{c}" for c in classes]]
     for image, label, pred, row in zip(image_ids, labels, preds, probs):
@@ -148,6 +156,35 @@ def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: 
     write_text(files["predictions"], _csv_text(rows))
     plot_confusion(report["confusion_matrix"], classes, files["confusion"], title=f"Confusion matrix ({report.get('split', '')})")
     return files
+
+
+def parse_specificities(text: str) -> tuple[float, ...]:
+    """--specificity "0.9,0.95" -> (0.9, 0.95); one clear error otherwise."""
+    try:
+        values = tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise FoproError(f"--specificity {text} is not a list of numbers: give e.g. 0.9,0.95") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise FoproError(f"--specificity {text}: give targets in (0, 1), e.g. 0.9,0.95")
+    return values
+
+
+def per_class_rows(report: dict) -> list[list]:
+    """per_class.csv: the per-class metrics, the recall interval, average precision, and one sensitivity /
+    threshold pair per target specificity."""
+    columns = ["name", "index", "train_count", "support", "predicted", "precision", "recall", "specificity", "f1", "auc",
+               "average_precision"]
+    targets = [op["target_specificity"] for row in report["per_class"][:1] for op in row["operating_points"]]
+    header = columns + ["recall_low", "recall_high"]
+    header += [f"{what}_at_spec_{target:g}" for target in targets for what in ("sensitivity", "threshold")]
+    rows = [header]
+    for row in report["per_class"]:
+        interval = row.get("recall_ci") or [None, None]
+        points = {op["target_specificity"]: op for op in row["operating_points"]}
+        cells = [row[c] for c in columns] + list(interval)
+        cells += [(points.get(target) or {}).get(what) for target in targets for what in ("sensitivity", "threshold")]
+        rows.append(cells)
+    return rows
 
 
 def _csv_text(rows: list[list]) -> str:

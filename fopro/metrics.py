@@ -13,7 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from fopro.bootstrap import bootstrap_intervals
 from fopro.errors import FoproError
+
+DEFAULT_SPECIFICITIES = (0.9, 0.95)  # operating points reported for each class
 
 # ----------------------------------------------------------------------------- small helpers
 
@@ -252,6 +255,42 @@ def per_class_auc(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
     return [binary_auc(labels == c, probs[:, c]) for c in range(probs.shape[1])]
 
 
+def _ranked_counts(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At each distinct score t, from the highest down: (t, true positives, false positives) of `score >= t`."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    ranked, positive = np.asarray(scores, dtype=np.float64)[order], np.asarray(is_positive, dtype=bool)[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    true_pos = np.cumsum(positive)[last_of_run]
+    return ranked[last_of_run], true_pos, last_of_run + 1 - true_pos
+
+
+def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as sklearn's average_precision_score: sum (R_n - R_n-1) P_n.
+    For a rare class it says more than ROC-AUC. None without a positive sample."""
+    _, true_pos, false_pos = _ranked_counts(is_positive, scores)
+    if true_pos.size == 0 or true_pos[-1] == 0:
+        return None
+    precision = true_pos / (true_pos + false_pos)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def sensitivity_at_specificity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> dict | None:
+    """The highest sensitivity with specificity >= target when `score >= threshold` is called positive, and that
+    threshold (on this set: an optimistic number for the set it was chosen on). None without positives or negatives."""
+    thresholds, true_pos, false_pos = _ranked_counts(is_positive, scores)
+    positives, negatives = int(np.sum(is_positive)), int(np.size(is_positive) - np.sum(is_positive))
+    if positives == 0 or negatives == 0:
+        return None
+    specificity = 1.0 - false_pos / negatives
+    allowed = np.flatnonzero(specificity >= target - 1e-12)
+    if allowed.size == 0:  # not even the highest score is specific enough: call nothing positive
+        return {"target_specificity": target, "sensitivity": 0.0, "specificity": 1.0, "threshold": None}
+    best = allowed[-1]  # sensitivity grows down the ranking: the lowest threshold that keeps the specificity
+    return {"target_specificity": target, "sensitivity": float(true_pos[best] / positives),
+            "specificity": float(specificity[best]), "threshold": float(thresholds[best])}
+
+
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     """Mean one-vs-rest ROC-AUC over the classes where it is defined; None if none."""
     return _mean_or_none(per_class_auc(labels, probs))
@@ -385,8 +424,14 @@ def compute_metrics(
     train_counts: list[int] | None = None,
     groups: LongTailGroups = DEFAULT_GROUPS,
     ece_bins: int = 15,
+    target_specificities: tuple[float, ...] = DEFAULT_SPECIFICITIES,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict:
-    """All metrics of one evaluation, as a JSON-serialisable dict (no NaN: undefined values are None)."""
+    """All metrics of one evaluation, as a JSON-serialisable dict (no NaN: undefined values are None).
+
+    Per class also the average precision and, one-vs-rest on its probability, the sensitivity at each of
+    `target_specificities` with its threshold; with `bootstrap` > 0, 95 % intervals (see fopro.bootstrap)."""
     labels, probs = validate_inputs(labels, probs, class_names)
     class_names = [str(name) for name in class_names]
     num_classes = probs.shape[1]
@@ -412,10 +457,18 @@ def compute_metrics(
             "specificity": specificities[c],
             "f1": f1s[c],
             "auc": aucs[c],
+            "average_precision": average_precision(labels == c, probs[:, c]),
+            "operating_points": [op for s in target_specificities if (op := sensitivity_at_specificity(labels == c, probs[:, c], s))],
         }
         for c in range(num_classes)
     ]
     group_report = group_recalls(class_names, recalls, counts, groups) if counts is not None else None
+    intervals = None
+    if bootstrap > 0:
+        members = {name: [class_names.index(n) for n in g["classes"]] for name, g in group_report.items()} if group_report else None
+        intervals = bootstrap_intervals(labels, preds, num_classes, members, bootstrap, seed)
+        for c, row in enumerate(per_class):
+            row.update({f"{key}_ci": intervals["per_class"][key][c] for key in ("recall", "precision", "f1")})
 
     return {
         "num_samples": int(labels.shape[0]),
@@ -433,5 +486,6 @@ def compute_metrics(
         "tail_recall": group_report["tail"]["mean_recall"] if group_report is not None else None,
         "confusion_matrix": [[int(v) for v in row] for row in matrix],
         "confusion_matrix_normalized": normalized_confusion(matrix),
+        "intervals": intervals,
         "notes": _notes(class_names, matrix, probs, group_report, aucs),
     }

@@ -514,6 +514,8 @@ CASES: list[Case] = [
     Case("lr-zero", "options", _option("--lr", "0.0"), ("must be greater than 0",)),
     Case("lr-negative", "options", _option("--lr", "-0.001"), ("must be greater than 0",)),
     Case("eval-batch-size-zero", "options", _option("--batch-size", "0", "eval"), ("must be greater than 0",)),
+    Case("eval-bootstrap-negative", "options", _option("--bootstrap", "-1", "eval"), ("0 turns the intervals off",)),
+    Case("eval-specificity-outside-0-1", "options", _option("--specificity", "0.9,1.5", "eval"), ("give targets in (0, 1)",)),
     Case("imbalance-zero", "options", _option("--imbalance", "0.0"), ("outside (0, 1]", "e.g. 0.01")),
     Case("imbalance-above-one", "options", _option("--imbalance", "1.5"), ("outside (0, 1]", "e.g. 0.01")),
     Case("imbalance-negative", "options", _option("--imbalance", "-0.1"), ("outside (0, 1]", "e.g. 0.01")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +157,13 @@ def test_eval_json_and_report_files(runner: CliRunner, dataset: Path, checkpoint
     per_class = _read_csv(out / "per_class.csv")
     assert [row["name"] for row in per_class] == CLASSES
     assert {"name", "train_count", "support", "precision", "recall", "f1"} <= set(per_class[0])
+    # the clinical layer: intervals, average precision, sensitivity at the default specificities with thresholds
+    assert report["intervals"]["resamples"] == 1000 and len(report["intervals"]["balanced_accuracy"]) == 2
+    for row, csv_row in zip(report["per_class"], per_class):
+        low, high = row["recall_ci"]
+        assert low <= row["recall"] <= high and float(csv_row["recall_low"]) == pytest.approx(low)
+        assert [op["target_specificity"] for op in row["operating_points"]] == [0.9, 0.95]
+        assert row["average_precision"] is not None and "sensitivity_at_spec_0.95" in csv_row and "threshold_at_spec_0.9" in csv_row
 
     predictions = _read_csv(out / "predictions.csv")
     with open(out / "predictions.csv", encoding="utf-8") as handle:
@@ -182,8 +190,9 @@ def test_eval_json_and_report_files(runner: CliRunner, dataset: Path, checkpoint
 def test_eval_table_and_other_split(runner: CliRunner, dataset: Path, checkpoint: Path) -> None:
     result = runner.invoke(app, ["eval", str(checkpoint), "--data", str(dataset), "--split", "val", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for text in ("balanced accuracy", "Per class", "Confusion matrix", "val split, 3 images"):
+    for text in ("balanced accuracy", "Per class", "Confusion matrix", "val split, 3 images", "resamples"):
         assert text in result.stdout, text
+    assert re.search(r"balanced accuracy \d+\.\d% \[\d+\.\d, \d+\.\d\]", result.stdout)  # with its interval
 
 
 def test_eval_csv_with_index_labels(runner: CliRunner, tmp_path: Path, checkpoint: Path) -> None:

@@ -317,3 +317,105 @@ def test_plot_confusion_writes_png(tmp_path) -> None:
 def test_plot_confusion_rejects_wrong_names(tmp_path) -> None:
     with pytest.raises(FoproError):
         plot_confusion(np.eye(2), ["a", "b", "c"], tmp_path / "cm.png")
+
+
+# --- operating points and intervals (the clinical layer) ----------------------------------------------
+
+
+def _binary_cases(count: int = 25):
+    rng = np.random.default_rng(0)
+    for _ in range(count):
+        n = int(rng.integers(6, 80))
+        positive = rng.random(n) < rng.uniform(0.05, 0.6)
+        positive[0], positive[-1] = True, False
+        scores = np.round(rng.random(n) * 0.5 + positive * rng.uniform(0, 0.5), int(rng.integers(1, 4)))  # ties too
+        yield positive, scores
+
+
+def test_average_precision_matches_sklearn() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from fopro.metrics import average_precision
+
+    for positive, scores in _binary_cases():
+        assert average_precision(positive, scores) == pytest.approx(average_precision_score(positive, scores), abs=1e-12)
+    assert average_precision(np.zeros(4, dtype=bool), np.arange(4.0)) is None
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
+def test_sensitivity_at_specificity_matches_the_roc_curve(target: float) -> None:
+    from sklearn.metrics import roc_curve
+
+    from fopro.metrics import sensitivity_at_specificity
+
+    for positive, scores in _binary_cases():
+        fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
+        point = sensitivity_at_specificity(positive, scores, target)
+        assert point["sensitivity"] == pytest.approx(tpr[fpr <= 1 - target + 1e-12].max())
+        if point["threshold"] is not None:  # the threshold gives exactly the numbers reported
+            called = scores >= point["threshold"]
+            assert point["sensitivity"] == pytest.approx(called[positive].mean())
+            assert point["specificity"] == pytest.approx(1 - called[~positive].mean()) and point["specificity"] >= target
+
+
+def _bootstrap_case():
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(6), [80, 50, 30, 20, 12, 8])
+    preds = np.where(rng.random(labels.size) < 0.7, labels, rng.integers(0, 6, labels.size))
+    return labels, preds
+
+
+def test_bootstrap_intervals_equal_a_straightforward_loop_on_the_same_resamples() -> None:
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    from fopro.bootstrap import bootstrap_intervals, stratified_resamples
+
+    labels, preds = _bootstrap_case()
+    ours = bootstrap_intervals(labels, preds, 6, {"tail": [4, 5]}, resamples=150, seed=3)
+    bacc, macro, tail, recall2 = [], [], [], []
+    for index in stratified_resamples(labels, 150, seed=3):
+        y, p = labels[index], preds[index]
+        bacc.append(balanced_accuracy_score(y, p))
+        macro.append(f1_score(y, p, average="macro", labels=range(6), zero_division=0))
+        per_class = recall_score(y, p, average=None, labels=range(6), zero_division=0)
+        tail.append(per_class[[4, 5]].mean())
+        recall2.append(per_class[2])
+    interval = lambda values: np.percentile(values, [2.5, 97.5]).tolist()  # noqa: E731
+    assert ours["balanced_accuracy"] == pytest.approx(interval(bacc), abs=1e-12)
+    assert ours["macro_f1"] == pytest.approx(interval(macro), abs=1e-12)
+    assert ours["groups"]["tail"] == pytest.approx(interval(tail), abs=1e-12)
+    assert ours["per_class"]["recall"][2] == pytest.approx(interval(recall2), abs=1e-12)
+
+
+def test_bootstrap_interval_agrees_with_an_independent_resampler() -> None:
+    """Another implementation (its own generator, per-class choice in a loop): the same interval within 0.5 points."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from fopro.bootstrap import bootstrap_intervals
+
+    labels, preds = _bootstrap_case()
+    rng = np.random.default_rng(1234)
+    values = []
+    for _ in range(4000):  # per class: the share of its resampled images predicted right, averaged over classes
+        recalls = [(preds[rng.choice(np.flatnonzero(labels == c), size=int((labels == c).sum()))] == c).mean() for c in range(6)]
+        values.append(np.mean(recalls))
+    reference = np.percentile(values, [2.5, 97.5])
+    ours = bootstrap_intervals(labels, preds, 6, resamples=4000, seed=0)["balanced_accuracy"]
+    assert np.abs(np.asarray(ours) - reference).max() < 0.005
+    point = balanced_accuracy_score(labels, preds)
+    assert ours[0] < point < ours[1]
+
+
+def test_compute_metrics_reports_operating_points_and_intervals() -> None:
+    labels, preds = _bootstrap_case()
+    probs = np.full((labels.size, 6), 0.02)
+    probs[np.arange(labels.size), preds] = 0.9
+    probs /= probs.sum(axis=1, keepdims=True)
+    report = compute_metrics(labels, probs, [f"c{c}" for c in range(6)], train_counts=[500, 100, 50, 30, 10, 5],
+                             bootstrap=200, seed=1)
+    row = report["per_class"][5]
+    assert [op["target_specificity"] for op in row["operating_points"]] == [0.9, 0.95]
+    assert row["recall_ci"][0] <= row["recall"] <= row["recall_ci"][1]
+    assert report["intervals"]["groups"]["tail"][0] <= report["tail_recall"] <= report["intervals"]["groups"]["tail"][1]
+    assert json.loads(json.dumps(report)) == report
+    assert compute_metrics(labels, probs, [f"c{c}" for c in range(6)])["intervals"] is None  # off by default

@@ -11,7 +11,8 @@ from fopro.cli.common import cli_errors, console, print_json, progress_bar, with
 from fopro.cli.render import render_eval
 from fopro.data import DataOptions
 from fopro.metrics import LongTailGroups
-from fopro.evaluate import EvalOptions, evaluate
+from fopro.bootstrap import DEFAULT_RESAMPLES
+from fopro.evaluate import EvalOptions, evaluate, parse_specificities
 
 
 @cli_errors
@@ -24,11 +25,15 @@ def eval_cli(
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (PyTorch checkpoints).")] = "auto",
+    bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95 % intervals (0 turns them off).")] = DEFAULT_RESAMPLES,
+    specificity: Annotated[str, typer.Option(help="Target specificities (comma-separated): each class's sensitivity and threshold at each.")] = "0.9,0.95",
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Write metrics.json, per_class.csv, predictions.csv and confusion.png here.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON on stdout, nothing else.")] = False,
 ) -> None:
     """Per-class and rare-class metrics (balanced accuracy, head/medium/tail recall, confusion matrix)."""
-    options = EvalOptions(split=split, batch_size=batch_size, device=device, groups=groups)
+    options = EvalOptions(split=split, batch_size=batch_size, device=device, groups=groups, bootstrap=bootstrap,
+                          specificities=parse_specificities(specificity), seed=seed)
     with progress_bar(not json_output) as progress:
         report = evaluate(model, data_options, options, out_dir=out, progress=progress)
     if json_output:

@@ -20,10 +20,14 @@ def render_eval(report: dict, title: str = "Evaluation") -> None:
     """Headline numbers, the per-class table sorted by training count, then the confusion matrix."""
     console.rule(f"[bold]{title}[/] — {report.get('split', '')} split, {report['num_samples']} images")
     tail = report.get("tail_recall")
+    intervals = report.get("intervals") or {}
     console.print(
-        f"balanced accuracy [bold]{fmt(report['balanced_accuracy'])}[/]   "
-        f"rare-class (tail) recall [bold red]{fmt(tail)}[/]   macro-F1 [bold]{fmt(report['macro_f1'])}[/]"
+        f"balanced accuracy [bold]{with_interval(report['balanced_accuracy'], intervals.get('balanced_accuracy'))}[/]   "
+        f"rare-class (tail) recall [bold red]{with_interval(tail, (intervals.get('groups') or {}).get('tail'))}[/]   "
+        f"macro-F1 [bold]{with_interval(report['macro_f1'], intervals.get('macro_f1'))}[/]"
     )
+    if intervals:
+        console.print(f"[dim]intervals: 95 %, {intervals['method']}, {intervals['resamples']} resamples, seed {intervals['seed']}[/]")
     console.print(
         f"accuracy {fmt(report['accuracy'])}   macro AUC {fmt(report['macro_auc'], False)}   "
         f"ECE {fmt(report['ece'], False)}   MCC {fmt(report['mcc'], False)}   kappa {fmt(report['kappa'], False)}"
@@ -42,9 +46,21 @@ def render_eval(report: dict, title: str = "Evaluation") -> None:
         console.print(f"[dim]note: {note}[/]")
 
 
+def with_interval(value: float | None, interval: list[float] | None) -> str:
+    """61.7% [48.3, 75.0]: a value with its 95 % interval, in percent."""
+    if value is None or not interval:
+        return fmt(value)
+    return f"{fmt(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def operating_text(row: dict) -> str:
+    """Sensitivity at each target specificity: 'sens 71% @ spec 0.90'."""
+    return "  ".join(f"{fmt(op['sensitivity'])} @{op['target_specificity']:.2f}" for op in row.get("operating_points") or [])
+
+
 def render_per_class(report: dict) -> None:
-    table = Table(title="Per class (sorted by training count)")
-    for column in ("class", "train", "support", "precision", "recall", "specificity", "F1", "AUC", "group"):
+    table = Table(title="Per class (sorted by training count); recall with its 95 % bootstrap interval; sensitivity @ specificity")
+    for column in ("class", "train", "support", "precision", "recall", "specificity", "F1", "AUC", "AP", "sens @ spec", "group"):
         table.add_column(column, justify="left" if column in ("class", "group") else "right")
     groups = {name: group for group, info in (report.get("groups") or {}).items() for name in info["classes"]}
     rows = sorted(report["per_class"], key=lambda r: -(r["train_count"] or 0))
@@ -55,10 +71,12 @@ def render_per_class(report: dict) -> None:
             "?" if row["train_count"] is None else str(row["train_count"]),
             str(row["support"]),
             fmt(row["precision"]),
-            fmt(row["recall"]),
+            with_interval(row["recall"], row.get("recall_ci")),
             fmt(row["specificity"]),
             fmt(row["f1"]),
             fmt(row["auc"], False),
+            fmt(row.get("average_precision"), False),
+            operating_text(row),
             f"[{GROUP_STYLE[group]}]{group}[/]" if group else "",
         )
     console.print(table)
