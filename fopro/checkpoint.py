@@ -38,6 +38,7 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     fopro_version: str = __version__
+    temperature: float = 1.0  # calibration: probabilities are softmax(logits / temperature) (fitted on val)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -68,6 +69,7 @@ class CheckpointMeta:
             metrics=data.get("metrics") or {},
             config=data.get("config") or {},
             fopro_version=str(data.get("fopro_version", "")),
+            temperature=float(data.get("temperature", 1.0)),
         )
 
 
@@ -107,6 +109,8 @@ def validate_meta(data: Any, source: str) -> None:
         not isinstance(counts, list) or len(counts) != len(classes) or not all(isinstance(c, int) and c >= 0 for c in counts)
     ):
         fail("'train_counts' must list one non-negative integer per class")
+    if "temperature" in data and not (_is_number(data["temperature"]) and data["temperature"] > 0):
+        fail("'temperature' must be a positive number")
 
 
 def _is_number(value: Any) -> bool:
@@ -134,6 +138,14 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     payload["weights_sha256"] = file_sha256(weights_path)
     write_json(meta_path, payload)
     return weights_path
+
+
+def set_temperature(path: str | Path, temperature: float) -> None:
+    """Store a fitted calibration temperature in a checkpoint's JSON (rewritten atomically; the weights are untouched)."""
+    _, meta_path = sidecar(path)
+    payload = json.loads(meta_path.read_text(encoding="utf-8"))
+    payload["temperature"] = float(temperature)
+    write_json(meta_path, payload)
 
 
 def load_meta(path: str | Path) -> CheckpointMeta:

@@ -16,10 +16,11 @@ from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import check_output_folder, write_json, write_text
 from fopro.bootstrap import DEFAULT_RESAMPLES
+from fopro.calibration import calibration_report, uncalibrated
 from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
-from fopro.plots import plot_confusion
+from fopro.plots import plot_confusion, plot_reliability
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 
@@ -41,6 +42,7 @@ class Predictor(Protocol):
     train_counts: list[int] | None
     preprocess: Preprocess
     description: str
+    temperature: float  # the calibration applied to the probabilities (1: none)
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray: ...
 
@@ -54,8 +56,10 @@ class TorchPredictor:
         train_counts: list[int] | None,
         description: str,
         device: torch.device | str = "cpu",
+        temperature: float = 1.0,
     ):
         self.device = torch.device(device)
+        self.temperature = temperature
         self.model = model.to(self.device).eval()
         self.classes = classes
         self.train_counts = train_counts
@@ -65,12 +69,13 @@ class TorchPredictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TorchPredictor":
         model, meta = build_model(path)
-        return cls(model, meta.preprocess, meta.classes, meta.train_counts, f"fopro checkpoint {path} ({meta.arch})", resolve_device(device))
+        return cls(model, meta.preprocess, meta.classes, meta.train_counts, f"fopro checkpoint {path} ({meta.arch})", resolve_device(device),
+                   meta.temperature)
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
         logits = self.model(self.preprocess(images.to(self.device)))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
 
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
@@ -117,6 +122,7 @@ def evaluate(
     labels = np.asarray(dataset.manifest.labels)
     report = compute_metrics(labels, probs, predictor.classes, predictor.train_counts, options.groups,
                              target_specificities=options.specificities, bootstrap=options.bootstrap, seed=options.seed)
+    report["calibration"] = calibration_report(probs, labels, predictor.temperature) if predictor.temperature != 1.0 else None
     report["model"] = str(model_path)
     report["model_description"] = predictor.description
     report["split"] = options.split
@@ -155,6 +161,11 @@ def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: 
         rows.append([image, classes[label], classes[pred]] + [f"{p:.6f}" for p in row])
     write_text(files["predictions"], _csv_text(rows))
     plot_confusion(report["confusion_matrix"], classes, files["confusion"], title=f"Confusion matrix ({report.get('split', '')})")
+    calibration = report.get("calibration")
+    if calibration:
+        files["reliability"] = out_dir / "reliability.png"
+        before = uncalibrated(probs, calibration["temperature"])
+        plot_reliability(labels, {"before (T = 1)": before, f"after (T = {calibration['temperature']:.2f})": probs}, files["reliability"])
     return files
 
 

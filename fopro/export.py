@@ -104,9 +104,10 @@ def _max_opset() -> int:
 class ExportWrapper(nn.Module):
     """Student + optional input preprocessing (uint8 -> /255 -> mean/std) + optional softmax."""
 
-    def __init__(self, model: nn.Module, preprocess: Preprocess, include_preprocess: bool, softmax: bool):
+    def __init__(self, model: nn.Module, preprocess: Preprocess, include_preprocess: bool, softmax: bool, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = temperature
         self.include_preprocess = include_preprocess
         self.softmax = softmax
         self.register_buffer("mean", torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -116,6 +117,8 @@ class ExportWrapper(nn.Module):
         if self.include_preprocess:
             x = (x.to(torch.float32) / 255.0 - self.mean) / self.std
         out = self.model(x)
+        if self.temperature != 1.0:  # the calibration fitted on val (checkpoint JSON 'temperature')
+            out = out / self.temperature
         return torch.softmax(out, dim=1) if self.softmax else out
 
 
@@ -177,6 +180,7 @@ def metadata_props(meta: CheckpointMeta, options: ExportOptions, source: Path, s
         "opset": str(options.opset),
         "arch": meta.arch,
         "train_counts": json.dumps(meta.train_counts),
+        "temperature": json.dumps(meta.temperature),
         "source_checkpoint": source.name,
         "source_sha256": sha256,
         "fopro_version": __version__,
@@ -261,10 +265,10 @@ def measure_latency(
 
 @torch.no_grad()
 def torch_outputs(model: nn.Module, meta: CheckpointMeta, images: torch.Tensor, softmax: bool, chunk: int = 32) -> np.ndarray:
-    """The PyTorch student's logits (or probabilities) on raw images, through the reference preprocessing."""
+    """The PyTorch student's logits / temperature (or probabilities) on raw images, through the reference preprocessing."""
     outputs = []
     for start in range(0, len(images), chunk):
-        out = model(meta.preprocess(images[start : start + chunk]))
+        out = model(meta.preprocess(images[start : start + chunk])) / meta.temperature
         outputs.append(torch.softmax(out, dim=1) if softmax else out)
     return torch.cat(outputs).float().numpy()
 
@@ -306,7 +310,7 @@ def export_onnx(
     model = model.cpu().eval()
     weights_path, _ = sidecar(checkpoint)
     sha256 = file_sha256(weights_path)
-    wrapper = ExportWrapper(model, meta.preprocess, options.include_preprocess, options.softmax).eval()
+    wrapper = ExportWrapper(model, meta.preprocess, options.include_preprocess, options.softmax, meta.temperature).eval()
     have_data = data is not None and data.given()
     # read the data first: a data mistake should fail before minutes of export/quantisation
     calibration = sample_images(data, meta, CALIBRATION_SPLITS, options.calibration_images, options.seed) if options.int8 else None

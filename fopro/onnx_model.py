@@ -109,9 +109,20 @@ def read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         "preprocess_included": bool(get("preprocess_included")),
         "softmax_included": bool(get("softmax_included")),
         "train_counts": None if counts is None else [int(c) for c in counts],
+        "temperature": _temperature(path, raw.get("temperature", "1.0")),
         "arch": raw.get("arch", "?"),
         "precision": raw.get("precision", "fp32"),
     }
+
+
+def _temperature(path: Path, text: str) -> float:
+    try:
+        value = float(json.loads(text))
+    except (ValueError, TypeError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise FoproError(f"{path}: the fopro metadata 'temperature' must be a positive number: export the model again")
+    return value
 
 
 class OnnxPredictor:
@@ -126,6 +137,7 @@ class OnnxPredictor:
         self.meta = read_metadata(path, self.session.get_modelmeta().custom_metadata_map)
         self.classes: list[str] = self.meta["classes"]
         self.train_counts: list[int] | None = self.meta["train_counts"]
+        self.temperature: float = self.meta["temperature"]  # applied inside the graph
         self.preprocess = Preprocess(self.meta["image_size"], tuple(self.meta["mean"]), tuple(self.meta["std"]))
         self.batch = fixed_batch(self.session)
         outputs = self.session.get_outputs()[0].shape

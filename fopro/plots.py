@@ -90,6 +90,34 @@ def plot_confusion(
     return path
 
 
+def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: Path, num_bins: int = 15) -> Path:
+    """Reliability diagram: accuracy of the top-label prediction against its confidence, per equal-width bin,
+    one line per set of probabilities in `curves` (e.g. before / after temperature scaling). PNG, atomically."""
+    labels = np.asarray(labels, dtype=np.int64)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 5.0))
+    try:
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for name, probs in curves.items():
+            confidence = np.asarray(probs, dtype=np.float64).max(axis=1)
+            correct = np.asarray(probs).argmax(axis=1) == labels
+            bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+            filled = [b for b in range(num_bins) if np.any(bins == b)]
+            ax.plot([confidence[bins == b].mean() for b in filled], [correct[bins == b].mean() for b in filled], marker="o", label=name)
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title("Reliability")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        _save(fig, Path(path), dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def _finite_abs_max(*arrays: np.ndarray, floor: float = 1.0) -> float:
     values = [np.nanmax(np.abs(a)) for a in arrays if np.isfinite(a).any()]
     return max([floor] + [float(v) for v in values])

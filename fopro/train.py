@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fopro.checkpoint import CheckpointMeta, save_checkpoint
+from fopro.calibration import calibration_report, fit_temperature, log_softmax
+from fopro.checkpoint import CheckpointMeta, save_checkpoint, set_temperature
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits, read_unlabeled
 from fopro.data.augment import AugmentConfig, describe
@@ -507,6 +508,8 @@ def finish(run: Run, progress: ProgressFn) -> dict:
     }
     if run.teacher is not None and run.config.teacher_probe and run.env.is_main:
         summary["teacher_probe"] = run_teacher_probe(run, progress)
+    if run.val_set is not None and run.env.is_main:
+        summary["calibration"] = calibrate_best(run, progress)
     if "test" in run.splits and run.env.is_main:
         options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), groups=run.config.groups())
         summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
@@ -514,6 +517,18 @@ def finish(run: Run, progress: ProgressFn) -> dict:
     if probe and "test" in summary and "test" in probe["splits"]:
         summary["transfer"] = linear_probe.transfer_ratios(summary["test"], probe["splits"]["test"])
     return summary
+
+
+def calibrate_best(run: Run, progress: ProgressFn) -> dict[str, Any]:
+    """Temperature scaling of the best checkpoint, fitted on val and stored in best.json (see fopro.calibration)."""
+    predictor = TorchPredictor.from_checkpoint(run.run_dir / "best", str(run.device))
+    predictor.temperature = 1.0  # fit on the plain logits, also when a finished run is summarised again
+    probs = predict(predictor, run.val_set, max(64, run.config.batch_size), progress)
+    labels = np.asarray(run.val_set.manifest.labels)
+    temperature = fit_temperature(np.log(np.clip(probs, 1e-300, 1.0)), labels)  # log p = logits - a per-image constant
+    set_temperature(run.run_dir / "best", temperature)
+    calibrated = np.exp(log_softmax(np.log(np.clip(probs, 1e-300, 1.0)) / temperature))
+    return {**calibration_report(calibrated, labels, temperature), "fitted_on": "val", "checkpoint": str(run.run_dir / "best.safetensors")}
 
 
 def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:

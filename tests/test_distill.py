@@ -154,6 +154,11 @@ def test_method_trains_one_epoch_and_writes_the_run(case, tmp_path, distill_valu
     assert summary["test"]["num_samples"] == 16
     assert 0.0 <= summary["test"]["balanced_accuracy"] <= 1.0
     assert summary["best_val"] == records[0]["val"]
+    # calibration: a temperature fitted on val, stored with the best checkpoint and applied by the test evaluation
+    temperature = summary["calibration"]["temperature"]
+    assert temperature > 0 and summary["calibration"]["fitted_on"] == "val"
+    assert json.loads((run_dir / "best.json").read_text())["temperature"] == temperature
+    assert summary["test"]["calibration"]["temperature"] == temperature
 
     # checkpoints: the inference path only, loadable with build_model
     model, meta = build_model(run_dir / "last.safetensors")

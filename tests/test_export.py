@@ -307,3 +307,25 @@ def test_onnx_without_fopro_metadata(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(FoproError, match="cannot be loaded"):
         OnnxPredictor(tmp_path / "junk.onnx")
+
+
+def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
+    """The temperature fitted on val (checkpoint JSON) is inside the graph: ONNX and PyTorch give the same probabilities."""
+    import shutil
+
+    from fopro.checkpoint import set_temperature
+    from fopro.evaluate import load_predictor
+
+    ckpt = tmp_path / "calibrated.safetensors"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(checkpoints["resnet10t"].with_suffix(suffix), ckpt.with_suffix(suffix))
+    set_temperature(ckpt, 2.5)
+    out = tmp_path / "calibrated.onnx"
+    export_onnx(ckpt, out, ExportOptions(softmax=True, **FAST))
+    images = raw_images(6)
+    onnx_model = OnnxPredictor(out)
+    torch_model = load_predictor(ckpt, "cpu")
+    assert onnx_model.temperature == torch_model.temperature == 2.5
+    np.testing.assert_allclose(onnx_model.predict_proba(images), torch_model.predict_proba(images), atol=1e-5)
+    plain = reference(checkpoints["resnet10t"], images)  # logits of the same weights
+    np.testing.assert_allclose(torch_model.predict_proba(images), torch.softmax(torch.from_numpy(plain) / 2.5, dim=1).numpy(), atol=1e-5)
