@@ -39,6 +39,8 @@ class CheckpointMeta:
     config: dict[str, Any] = field(default_factory=dict)
     fopro_version: str = __version__
     temperature: float = 1.0  # calibration: probabilities are softmax(logits / temperature) (fitted on val)
+    # per class, the probability thresholds fitted on val for target specificities: [{target_specificity, threshold}]
+    operating_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -70,6 +72,7 @@ class CheckpointMeta:
             config=data.get("config") or {},
             fopro_version=str(data.get("fopro_version", "")),
             temperature=float(data.get("temperature", 1.0)),
+            operating_points=data.get("operating_points") or {},
         )
 
 
@@ -111,6 +114,12 @@ def validate_meta(data: Any, source: str) -> None:
         fail("'train_counts' must list one non-negative integer per class")
     if "temperature" in data and not (_is_number(data["temperature"]) and data["temperature"] > 0):
         fail("'temperature' must be a positive number")
+    points = data.get("operating_points") or {}
+    if not isinstance(points, dict) or not all(
+        name in classes and isinstance(ops, list) and all(isinstance(op, dict) and _is_number(op.get("threshold", 0.0)) for op in ops)
+        for name, ops in points.items()
+    ):
+        fail("'operating_points' must map class names to lists of {target_specificity, threshold}")
 
 
 def _is_number(value: Any) -> bool:
@@ -140,11 +149,14 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     return weights_path
 
 
-def set_temperature(path: str | Path, temperature: float) -> None:
-    """Store a fitted calibration temperature in a checkpoint's JSON (rewritten atomically; the weights are untouched)."""
+def set_calibration(path: str | Path, temperature: float, operating_points: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Store what was fitted on val (the temperature, the per-class thresholds) in a checkpoint's JSON, rewritten
+    atomically; the weights are untouched."""
     _, meta_path = sidecar(path)
     payload = json.loads(meta_path.read_text(encoding="utf-8"))
     payload["temperature"] = float(temperature)
+    if operating_points is not None:
+        payload["operating_points"] = operating_points
     write_json(meta_path, payload)
 
 

@@ -17,7 +17,7 @@ from fopro.errors import FoproError
 from fopro.io import check_output_folder, write_json, write_text
 from fopro.bootstrap import DEFAULT_RESAMPLES
 from fopro.calibration import calibration_report, uncalibrated
-from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, compute_metrics
+from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, apply_operating_points, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
 from fopro.plots import plot_confusion, plot_reliability
@@ -43,6 +43,7 @@ class Predictor(Protocol):
     preprocess: Preprocess
     description: str
     temperature: float  # the calibration applied to the probabilities (1: none)
+    operating_points: dict[str, list[dict]]  # per class, thresholds fitted on val ({} : none)
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray: ...
 
@@ -57,9 +58,11 @@ class TorchPredictor:
         description: str,
         device: torch.device | str = "cpu",
         temperature: float = 1.0,
+        operating_points: dict[str, list[dict]] | None = None,
     ):
         self.device = torch.device(device)
         self.temperature = temperature
+        self.operating_points = operating_points or {}
         self.model = model.to(self.device).eval()
         self.classes = classes
         self.train_counts = train_counts
@@ -70,7 +73,7 @@ class TorchPredictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "TorchPredictor":
         model, meta = build_model(path)
         return cls(model, meta.preprocess, meta.classes, meta.train_counts, f"fopro checkpoint {path} ({meta.arch})", resolve_device(device),
-                   meta.temperature)
+                   meta.temperature, meta.operating_points)
 
     @torch.no_grad()
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
@@ -123,6 +126,8 @@ def evaluate(
     report = compute_metrics(labels, probs, predictor.classes, predictor.train_counts, options.groups,
                              target_specificities=options.specificities, bootstrap=options.bootstrap, seed=options.seed)
     report["calibration"] = calibration_report(probs, labels, predictor.temperature) if predictor.temperature != 1.0 else None
+    # the thresholds fitted on val, applied here: the sensitivity / specificity a deployment would actually get
+    report["val_operating_points"] = apply_operating_points(labels, probs, predictor.classes, predictor.operating_points) or None
     report["model"] = str(model_path)
     report["model_description"] = predictor.description
     report["split"] = options.split

@@ -181,6 +181,7 @@ def metadata_props(meta: CheckpointMeta, options: ExportOptions, source: Path, s
         "arch": meta.arch,
         "train_counts": json.dumps(meta.train_counts),
         "temperature": json.dumps(meta.temperature),
+        "operating_points": json.dumps(meta.operating_points),
         "source_checkpoint": source.name,
         "source_sha256": sha256,
         "fopro_version": __version__,

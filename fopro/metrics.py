@@ -291,6 +291,33 @@ def sensitivity_at_specificity(is_positive: np.ndarray, scores: np.ndarray, targ
             "specificity": float(specificity[best]), "threshold": float(thresholds[best])}
 
 
+def fit_operating_points(
+    labels: np.ndarray, probs: np.ndarray, class_names: list[str], targets: tuple[float, ...] = (0.9, 0.95)
+) -> dict[str, list[dict]]:
+    """{class: [sensitivity_at_specificity(...) for each target]} one-vs-rest on each class's probability (an empty
+    list for a class without positives or negatives)."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    return {name: [op for t in targets if (op := sensitivity_at_specificity(labels == c, probs[:, c], t))]
+            for c, name in enumerate(class_names)}
+
+
+def apply_operating_points(labels: np.ndarray, probs: np.ndarray, class_names: list[str], points: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The sensitivity and specificity that thresholds chosen elsewhere (on val) give on this split (the honest number)."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    result = {}
+    for name, ops in points.items():
+        c = class_names.index(name)
+        positive = labels == c
+        if not positive.any() or positive.all():
+            continue
+        result[name] = [
+            {**op, "sensitivity": float((probs[positive, c] >= op["threshold"]).mean()),
+             "specificity": float((probs[~positive, c] < op["threshold"]).mean())}
+            for op in ops
+        ]
+    return result
+
+
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     """Mean one-vs-rest ROC-AUC over the classes where it is defined; None if none."""
     return _mean_or_none(per_class_auc(labels, probs))
@@ -444,6 +471,7 @@ def compute_metrics(
     specificities = per_class_specificity(matrix)
     f1s = per_class_f1(matrix)
     aucs = per_class_auc(labels, probs)
+    operating_points = fit_operating_points(labels, probs, class_names, target_specificities)
 
     per_class = [
         {
@@ -458,7 +486,7 @@ def compute_metrics(
             "f1": f1s[c],
             "auc": aucs[c],
             "average_precision": average_precision(labels == c, probs[:, c]),
-            "operating_points": [op for s in target_specificities if (op := sensitivity_at_specificity(labels == c, probs[:, c], s))],
+            "operating_points": operating_points[class_names[c]],
         }
         for c in range(num_classes)
     ]

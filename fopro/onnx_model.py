@@ -110,6 +110,7 @@ def read_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         "softmax_included": bool(get("softmax_included")),
         "train_counts": None if counts is None else [int(c) for c in counts],
         "temperature": _temperature(path, raw.get("temperature", "1.0")),
+        "operating_points": _operating_points(path, raw.get("operating_points", "{}")),
         "arch": raw.get("arch", "?"),
         "precision": raw.get("precision", "fp32"),
     }
@@ -125,6 +126,16 @@ def _temperature(path: Path, text: str) -> float:
     return value
 
 
+def _operating_points(path: Path, text: str) -> dict[str, list[dict]]:
+    try:
+        points = json.loads(text)
+    except json.JSONDecodeError:
+        points = None
+    if not isinstance(points, dict):
+        raise FoproError(f"{path}: the fopro metadata 'operating_points' must be a JSON mapping: export the model again")
+    return points
+
+
 class OnnxPredictor:
     """A `fopro.evaluate.Predictor` over an exported .onnx file, run by onnxruntime on the CPU."""
 
@@ -138,6 +149,7 @@ class OnnxPredictor:
         self.classes: list[str] = self.meta["classes"]
         self.train_counts: list[int] | None = self.meta["train_counts"]
         self.temperature: float = self.meta["temperature"]  # applied inside the graph
+        self.operating_points: dict[str, list[dict]] = self.meta["operating_points"]
         self.preprocess = Preprocess(self.meta["image_size"], tuple(self.meta["mean"]), tuple(self.meta["std"]))
         self.batch = fixed_batch(self.session)
         outputs = self.session.get_outputs()[0].shape

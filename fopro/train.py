@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fopro.calibration import calibration_report, fit_temperature, log_softmax
-from fopro.checkpoint import CheckpointMeta, save_checkpoint, set_temperature
+from fopro.checkpoint import CheckpointMeta, save_checkpoint, set_calibration
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits, read_unlabeled
 from fopro.data.augment import AugmentConfig, describe
@@ -35,7 +35,7 @@ from fopro import linear_probe
 from fopro.linear_probe import fit_teacher_probe, score_probe
 from fopro.losses import SupervisedLoss
 from fopro.methods import Method, build_method
-from fopro.metrics import compute_metrics
+from fopro.metrics import compute_metrics, fit_operating_points
 from fopro.models import Teacher, create_student, load_teacher
 from fopro.preprocess import Preprocess
 from fopro.probe.file import band_gains_from_probe
@@ -520,15 +520,21 @@ def finish(run: Run, progress: ProgressFn) -> dict:
 
 
 def calibrate_best(run: Run, progress: ProgressFn) -> dict[str, Any]:
-    """Temperature scaling of the best checkpoint, fitted on val and stored in best.json (see fopro.calibration)."""
+    """Fitted on val for the best checkpoint and stored in best.json: the temperature (see fopro.calibration), then on
+    the calibrated probabilities each class's threshold for each default target specificity."""
     predictor = TorchPredictor.from_checkpoint(run.run_dir / "best", str(run.device))
     predictor.temperature = 1.0  # fit on the plain logits, also when a finished run is summarised again
     probs = predict(predictor, run.val_set, max(64, run.config.batch_size), progress)
     labels = np.asarray(run.val_set.manifest.labels)
     temperature = fit_temperature(np.log(np.clip(probs, 1e-300, 1.0)), labels)  # log p = logits - a per-image constant
-    set_temperature(run.run_dir / "best", temperature)
     calibrated = np.exp(log_softmax(np.log(np.clip(probs, 1e-300, 1.0)) / temperature))
-    return {**calibration_report(calibrated, labels, temperature), "fitted_on": "val", "checkpoint": str(run.run_dir / "best.safetensors")}
+    points = {
+        name: [{"target_specificity": op["target_specificity"], "threshold": op["threshold"]} for op in ops if op["threshold"] is not None]
+        for name, ops in fit_operating_points(labels, calibrated, run.splits.classes).items()
+    }
+    set_calibration(run.run_dir / "best", temperature, points)
+    return {**calibration_report(calibrated, labels, temperature), "fitted_on": "val", "operating_points": points,
+            "checkpoint": str(run.run_dir / "best.safetensors")}
 
 
 def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def test_before_and_after() -> None:
 
 
 def test_evaluating_a_calibrated_checkpoint_reports_and_plots_it(tmp_path) -> None:
-    from fopro.checkpoint import set_temperature
+    from fopro.checkpoint import set_calibration
     from fopro.data import DataOptions
     from fopro.evaluate import EvalOptions, evaluate
     from helpers import make_image_folder, tiny_checkpoint
@@ -53,7 +53,7 @@ def test_evaluating_a_calibrated_checkpoint_reports_and_plots_it(tmp_path) -> No
     classes = ["a", "b", "c"]
     data = make_image_folder(tmp_path / "d", {"test": {name: 3 for name in classes}})
     checkpoint, _ = tiny_checkpoint(tmp_path / "ckpt" / "model", classes, train_counts=[9, 5, 2])
-    set_temperature(checkpoint, 1.8)
+    set_calibration(checkpoint, 1.8)
     report = evaluate(checkpoint, DataOptions(data=data), EvalOptions(device="cpu", bootstrap=0), out_dir=tmp_path / "eval")
     assert report["calibration"]["temperature"] == 1.8
     assert (tmp_path / "eval" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

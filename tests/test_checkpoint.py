@@ -80,7 +80,7 @@ def test_writes_are_atomic(tmp_path: Path, checkpoint, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
     meta = load_meta(weights)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FoproError, match=f"cannot write {weights}: disk full"):  # one line for the user
         save_checkpoint(weights, source.state_dict(), meta)
     monkeypatch.undo()
     assert sorted(p.name for p in weights.parent.iterdir()) == ["best.json", "best.safetensors"]

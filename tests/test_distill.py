@@ -159,6 +159,10 @@ def test_method_trains_one_epoch_and_writes_the_run(case, tmp_path, distill_valu
     assert temperature > 0 and summary["calibration"]["fitted_on"] == "val"
     assert json.loads((run_dir / "best.json").read_text())["temperature"] == temperature
     assert summary["test"]["calibration"]["temperature"] == temperature
+    stored = json.loads((run_dir / "best.json").read_text())["operating_points"]
+    assert stored == summary["calibration"]["operating_points"] and set(stored) <= set(summary["classes"])
+    applied = summary["test"]["val_operating_points"] or {}
+    assert all(op["threshold"] in [s["threshold"] for s in stored[name]] for name, ops in applied.items() for op in ops)
 
     # checkpoints: the inference path only, loadable with build_model
     model, meta = build_model(run_dir / "last.safetensors")

@@ -313,13 +313,13 @@ def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
     """The temperature fitted on val (checkpoint JSON) is inside the graph: ONNX and PyTorch give the same probabilities."""
     import shutil
 
-    from fopro.checkpoint import set_temperature
+    from fopro.checkpoint import set_calibration
     from fopro.evaluate import load_predictor
 
     ckpt = tmp_path / "calibrated.safetensors"
     for suffix in (".safetensors", ".json"):
         shutil.copy(checkpoints["resnet10t"].with_suffix(suffix), ckpt.with_suffix(suffix))
-    set_temperature(ckpt, 2.5)
+    set_calibration(ckpt, 2.5)
     out = tmp_path / "calibrated.onnx"
     export_onnx(ckpt, out, ExportOptions(softmax=True, **FAST))
     images = raw_images(6)

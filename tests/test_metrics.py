@@ -419,3 +419,21 @@ def test_compute_metrics_reports_operating_points_and_intervals() -> None:
     assert report["intervals"]["groups"]["tail"][0] <= report["tail_recall"] <= report["intervals"]["groups"]["tail"][1]
     assert json.loads(json.dumps(report)) == report
     assert compute_metrics(labels, probs, [f"c{c}" for c in range(6)])["intervals"] is None  # off by default
+
+
+def test_thresholds_fitted_on_one_split_applied_to_another() -> None:
+    from fopro.metrics import apply_operating_points, fit_operating_points
+
+    labels, preds = _bootstrap_case()
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(6), size=labels.size) * 0.5
+    probs[np.arange(labels.size), preds] += 0.5
+    names = [f"c{c}" for c in range(6)]
+    fitted = fit_operating_points(labels, probs, names)
+    stored = {name: [{"target_specificity": op["target_specificity"], "threshold": op["threshold"]} for op in ops] for name, ops in fitted.items()}
+    same = apply_operating_points(labels, probs, names, stored)
+    for name in names:  # on the split they were fitted on they give exactly the fitted numbers
+        for got, want in zip(same[name], fitted[name]):
+            assert got["sensitivity"] == pytest.approx(want["sensitivity"]) and got["specificity"] == pytest.approx(want["specificity"])
+    other = apply_operating_points(labels[::-1], probs, names, stored)  # other labels: other numbers, same thresholds
+    assert [op["threshold"] for op in other["c0"]] == [op["threshold"] for op in stored["c0"]]
