@@ -33,6 +33,7 @@ from fopro.models.weights import build_model
 from fopro.data import DataOptions, checked_dataset, load_splits
 from fopro.errors import FoproError, first_line
 from fopro.io import atomic_path
+from fopro.model_card import export_summary, write_card
 from fopro.onnx_model import FORMAT, FORMAT_VERSION, INPUT_LAYOUT, graph_input, open_session, ort_errors, run_batched
 from fopro.preprocess import Preprocess
 from fopro.runtime import ProgressFn, no_progress
@@ -376,6 +377,7 @@ def export_onnx(
         )
     if options.int8:
         report["notes"].append("int8 speed on the CPU depends on its int8 instructions (AVX-512 VNNI / AMX); compare the latencies above")
+    report["model_card"] = str(write_card(checkpoint, out.with_name("MODEL_CARD.md"), export_summary(report)))
     return report
 
 

@@ -326,6 +326,8 @@ def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
     onnx_model = OnnxPredictor(out)
     torch_model = load_predictor(ckpt, "cpu")
     assert onnx_model.temperature == torch_model.temperature == 2.5
+    card = (tmp_path / "MODEL_CARD.md").read_text()  # written beside the model
+    assert "## Quantisation" in card and "top-1 agreement 100.0 %" in card and "calibrated.onnx" in card
     np.testing.assert_allclose(onnx_model.predict_proba(images), torch_model.predict_proba(images), atol=1e-5)
     plain = reference(checkpoints["resnet10t"], images)  # logits of the same weights
     np.testing.assert_allclose(torch_model.predict_proba(images), torch.softmax(torch.from_numpy(plain) / 2.5, dim=1).numpy(), atol=1e-5)

@@ -8,6 +8,7 @@ import typer
 
 from fopro import __version__
 from fopro.cli import data as data_commands
+from fopro.cli.card import card_cli
 from fopro.cli.common import STATE
 from fopro.cli.distill import distill_cli
 from fopro.cli.evaluate import eval_cli
@@ -26,6 +27,7 @@ app.command("distill")(distill_cli)
 app.command("eval")(eval_cli)
 app.command("export")(export_cli)
 app.command("probe")(probe_cli)
+app.command("card")(card_cli)
 
 
 def _version(value: bool) -> None:
