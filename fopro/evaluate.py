@@ -20,7 +20,7 @@ from fopro.calibration import calibration_report, uncalibrated
 from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, apply_operating_points, compute_metrics
 from fopro.onnx_model import OnnxPredictor
 from fopro.preprocess import Preprocess
-from fopro.plots import plot_confusion, plot_reliability
+from fopro.plots import plot_confusion, plot_reliability, plot_roc_pr
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 
@@ -150,7 +150,8 @@ def check_writable_dir(folder: Path, option: str) -> None:
 
 
 def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: np.ndarray, out_dir: Path) -> dict[str, Path]:
-    """metrics.json, per_class.csv, predictions.csv and confusion.png in out_dir, each written atomically."""
+    """metrics.json, per_class.csv, predictions.csv, confusion.png, roc_pr.png (and reliability.png for a calibrated
+    model) in out_dir, each written atomically."""
     classes = report["class_names"]
     files = {
         "metrics": out_dir / "metrics.json",
@@ -166,6 +167,7 @@ def write_report(report: dict, image_ids: list[str], labels: np.ndarray, probs: 
         rows.append([image, classes[label], classes[pred]] + [f"{p:.6f}" for p in row])
     write_text(files["predictions"], _csv_text(rows))
     plot_confusion(report["confusion_matrix"], classes, files["confusion"], title=f"Confusion matrix ({report.get('split', '')})")
+    files["roc_pr"] = plot_roc_pr(labels, probs, classes, out_dir / "roc_pr.png")
     calibration = report.get("calibration")
     if calibration:
         files["reliability"] = out_dir / "reliability.png"

@@ -255,7 +255,7 @@ def per_class_auc(labels: np.ndarray, probs: np.ndarray) -> list[float | None]:
     return [binary_auc(labels == c, probs[:, c]) for c in range(probs.shape[1])]
 
 
-def _ranked_counts(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ranked_counts(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """At each distinct score t, from the highest down: (t, true positives, false positives) of `score >= t`."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
     ranked, positive = np.asarray(scores, dtype=np.float64)[order], np.asarray(is_positive, dtype=bool)[order]
@@ -267,7 +267,7 @@ def _ranked_counts(is_positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndar
 def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the precision-recall curve as sklearn's average_precision_score: sum (R_n - R_n-1) P_n.
     For a rare class it says more than ROC-AUC. None without a positive sample."""
-    _, true_pos, false_pos = _ranked_counts(is_positive, scores)
+    _, true_pos, false_pos = ranked_counts(is_positive, scores)
     if true_pos.size == 0 or true_pos[-1] == 0:
         return None
     precision = true_pos / (true_pos + false_pos)
@@ -278,7 +278,7 @@ def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float | No
 def sensitivity_at_specificity(is_positive: np.ndarray, scores: np.ndarray, target: float) -> dict | None:
     """The highest sensitivity with specificity >= target when `score >= threshold` is called positive, and that
     threshold (on this set: an optimistic number for the set it was chosen on). None without positives or negatives."""
-    thresholds, true_pos, false_pos = _ranked_counts(is_positive, scores)
+    thresholds, true_pos, false_pos = ranked_counts(is_positive, scores)
     positives, negatives = int(np.sum(is_positive)), int(np.size(is_positive) - np.sum(is_positive))
     if positives == 0 or negatives == 0:
         return None

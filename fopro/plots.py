@@ -10,6 +10,7 @@ import numpy as np
 
 from fopro.errors import FoproError
 from fopro.io import atomic_path
+from fopro.metrics import average_precision, binary_auc, ranked_counts
 
 
 def _pyplot() -> Any:
@@ -88,6 +89,34 @@ def plot_confusion(
     finally:
         plt.close(fig)
     return path
+
+
+def plot_roc_pr(labels: np.ndarray, probs: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """One-vs-rest ROC and precision-recall curves of every class (left, right), each class's AUC / AP in the legend."""
+    labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
+    plt = _pyplot()
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(11.0, 5.0))
+    try:
+        for c, name in enumerate(class_names):
+            positive = labels == c
+            if not positive.any() or positive.all():
+                continue
+            _, true_pos, false_pos = ranked_counts(positive, probs[:, c])
+            tpr, fpr = np.r_[0.0, true_pos / positive.sum()], np.r_[0.0, false_pos / (~positive).sum()]
+            precision = true_pos / (true_pos + false_pos)
+            roc.plot(fpr, tpr, label=f"{name} (AUC {binary_auc(positive, probs[:, c]):.2f})")
+            pr.step(np.r_[0.0, true_pos / positive.sum()], np.r_[precision[0], precision], where="post",
+                    label=f"{name} (AP {average_precision(positive, probs[:, c]):.2f})")
+        roc.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        roc.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (one vs rest)", xlim=(0, 1), ylim=(0, 1.01))
+        pr.set(xlabel="recall", ylabel="precision", title="Precision-recall (one vs rest)", xlim=(0, 1), ylim=(0, 1.01))
+        for ax in (roc, pr):
+            ax.legend(loc="lower right" if ax is roc else "lower left", fontsize=7)
+        fig.tight_layout()
+        _save(fig, Path(path), dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: Path, num_bins: int = 15) -> Path:

@@ -184,6 +184,7 @@ def test_eval_json_and_report_files(runner: CliRunner, dataset: Path, checkpoint
         matrix, np.array([[sum(1 for t, p in zip(labels, preds) if t == a and p == b) for b in CLASSES] for a in CLASSES])
     )
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "roc_pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # one-vs-rest ROC and PR curves
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

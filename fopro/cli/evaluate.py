@@ -28,7 +28,7 @@ def eval_cli(
     bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95 % intervals (0 turns them off).")] = DEFAULT_RESAMPLES,
     specificity: Annotated[str, typer.Option(help="Target specificities (comma-separated): each class's sensitivity and threshold at each.")] = "0.9,0.95",
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json, per_class.csv, predictions.csv and confusion.png here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write metrics.json, per_class.csv, predictions.csv, confusion.png, roc_pr.png (and reliability.png) here.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole report as JSON on stdout, nothing else.")] = False,
 ) -> None:
     """Per-class and rare-class metrics (balanced accuracy, head/medium/tail recall, confusion matrix)."""
@@ -41,4 +41,4 @@ def eval_cli(
         return
     render_eval(report, title=f"fopro eval {model.name}")
     if out is not None:
-        console.print(f"[green]wrote[/green] metrics.json, per_class.csv, predictions.csv, confusion.png to {out}")
+        console.print(f"[green]wrote[/green] metrics.json, per_class.csv, predictions.csv and the plots to {out}")
