@@ -33,6 +33,7 @@ from fopro.models.weights import build_model
 from fopro.data import DataOptions, checked_dataset, load_splits
 from fopro.errors import FoproError, first_line
 from fopro.io import atomic_path
+from fopro.metrics import compute_metrics
 from fopro.model_card import export_summary, write_card
 from fopro.onnx_model import FORMAT, FORMAT_VERSION, INPUT_LAYOUT, graph_input, open_session, ort_errors, run_batched
 from fopro.preprocess import Preprocess
@@ -59,6 +60,10 @@ class ExportOptions:
     fp16: bool = False
     int8: bool = False
     calibration_images: int = 200
+    val_images: int = 2000  # the int8 model is compared with the float one on (up to) this many VAL images
+    max_int8_drop: float = 0.01  # a larger loss of val balanced accuracy (fraction) is an error ...
+    max_int8_tail_drop: float = 0.03  # ... and of val tail recall
+    allow_int8_drop: bool = False
     check: bool = True
     check_images: int = 64
     latency_repeats: int = 10
@@ -84,6 +89,8 @@ class ExportOptions:
             )
         if self.int8 and self.opset < MIN_INT8_OPSET:
             raise FoproError(f"--int8 needs --opset {MIN_INT8_OPSET} or later (per-channel quantisation); got {self.opset}")
+        if self.max_int8_drop < 0 or self.max_int8_tail_drop < 0:
+            raise FoproError("--max-int8-drop and --max-int8-tail-drop are losses in points: give numbers >= 0")
         if self.calibration_images <= 0:
             raise FoproError(f"--calibration-images {self.calibration_images} must be greater than 0")
         if self.check_images <= 0 or self.latency_repeats <= 0 or self.latency_warmup < 0:
@@ -354,6 +361,7 @@ def export_onnx(
         elif options.int8:
             final = _quantize(fp32_path, Path(work), props, calibration, meta, options)
             report["int8_accuracy"] = _int8_accuracy(final, Path(work), model, meta, calibration, options)
+            report["int8_val"] = int8_on_val(final, Path(work), model, meta, data, options)
             progress("exporting", 2, steps)
         else:
             final = float_model
@@ -462,6 +470,54 @@ def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample
     finally:
         root.setLevel(level)
     return onnx.load(str(int8_path))
+
+
+def int8_on_val(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, data: DataOptions, options: ExportOptions) -> dict:
+    """The int8 model against the float one on the VAL split (not the calibration images), class by class: the
+    change of balanced accuracy and of tail recall; a drop beyond the limits stops the export (unless allowed)."""
+    try:
+        sample = sample_images(data, meta, ("val",), options.val_images, options.seed)
+    except FoproError as err:
+        return {"skipped": f"no val images to check the int8 model on ({err})"}
+    path = work / "int8_val.onnx"
+    onnx.save(final, str(path))
+    quantised = run_batched(open_session(path), graph_input(sample.images, meta.preprocess, options.include_preprocess), options.batch)
+    reference = torch_outputs(model, meta, sample.images, options.softmax)
+    report = {name: compute_metrics(sample.labels, _as_probs(outputs, options.softmax), meta.classes, meta.train_counts)
+              for name, outputs in (("float", reference), ("int8", quantised))}
+    change = {key: _change(report["float"][key], report["int8"][key]) for key in ("balanced_accuracy", "tail_recall")}
+    result = {
+        "source": sample.source,
+        "float": {key: report["float"][key] for key in ("balanced_accuracy", "tail_recall")},
+        "int8": {key: report["int8"][key] for key in ("balanced_accuracy", "tail_recall")},
+        "change": change,
+        "per_class_recall_change": {
+            row["name"]: _change(row["recall"], q["recall"]) for row, q in zip(report["float"]["per_class"], report["int8"]["per_class"])
+        },
+    }
+    check_int8_drop(change, options, sample.source)
+    return result
+
+
+def check_int8_drop(change: dict[str, float | None], options: ExportOptions, source: str) -> None:
+    """Refuse an int8 model that loses more val balanced accuracy or tail recall than the limits (unless allowed)."""
+    limits = {"balanced_accuracy": (options.max_int8_drop, "--max-int8-drop"), "tail_recall": (options.max_int8_tail_drop, "--max-int8-tail-drop")}
+    too_much = [key for key, (limit, _) in limits.items() if change.get(key) is not None and -change[key] > limit + 1e-12]
+    if too_much and not options.allow_int8_drop:
+        key = too_much[0]
+        limit, flag = limits[key]
+        raise FoproError(
+            f"int8 loses {-100 * change[key]:.1f} points of {key.replace('_', ' ')} on val ({source}), more than {flag} "
+            f"{100 * limit:.1f}: nothing was written; export fp32 / fp16, or pass --allow-int8-drop"
+        )
+
+
+def _as_probs(outputs: np.ndarray, softmax_included: bool) -> np.ndarray:
+    return outputs if softmax_included else torch.softmax(torch.from_numpy(outputs).double(), dim=1).numpy()
+
+
+def _change(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 def _int8_accuracy(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:

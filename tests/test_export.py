@@ -196,6 +196,21 @@ def test_fp16_and_int8_report_agreement(checkpoints, data_root, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert int8["size_bytes"] < 0.35 * int8["fp32_size_bytes"]
     assert OnnxPredictor(tmp_path / "int8.onnx").predict_proba(raw_images(3)).shape == (3, 3)
+    checked = int8["int8_val"]  # float and int8 on the VAL split, class by class
+    assert "val images" in checked["source"] and set(checked["per_class_recall_change"]) == set(CLASSES)
+    assert checked["change"]["balanced_accuracy"] == pytest.approx(checked["int8"]["balanced_accuracy"] - checked["float"]["balanced_accuracy"])
+
+
+def test_int8_that_loses_too_much_on_val_is_refused():
+    from fopro.export import check_int8_drop
+
+    options = ExportOptions(int8=True)
+    check_int8_drop({"balanced_accuracy": -0.005, "tail_recall": -0.02}, options, "val")  # within 1 and 3 points
+    with pytest.raises(FoproError, match="int8 loses 1.5 points of balanced accuracy on val .*--max-int8-drop 1.0.*--allow-int8-drop"):
+        check_int8_drop({"balanced_accuracy": -0.015, "tail_recall": 0.0}, options, "val")
+    with pytest.raises(FoproError, match="4.0 points of tail recall"):
+        check_int8_drop({"balanced_accuracy": 0.0, "tail_recall": -0.04}, options, "val")
+    check_int8_drop({"balanced_accuracy": -0.2, "tail_recall": None}, ExportOptions(int8=True, allow_int8_drop=True), "val")
 
 
 def close(a, b, path="") -> None:

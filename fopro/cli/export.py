@@ -40,6 +40,9 @@ def export_cli(
     fp16: Annotated[bool, typer.Option(help="float16 weights (inputs and outputs stay float32); for GPUs.")] = False,
     int8: Annotated[bool, typer.Option(help="int8 static quantisation (QDQ, per channel), calibrated on your data (needs the data options).")] = False,
     calibration_images: Annotated[int, typer.Option(help="Images of the train split (else val) used to calibrate --int8.")] = 200,
+    max_int8_drop: Annotated[float, typer.Option(help="--int8: the largest loss of VAL balanced accuracy, in points, before the export is refused.")] = 1.0,
+    max_int8_tail_drop: Annotated[float, typer.Option(help="--int8: the largest loss of VAL tail recall, in points.")] = 3.0,
+    allow_int8_drop: Annotated[bool, typer.Option(help="--int8: write the model even when it loses more than those limits on val.")] = False,
     check: Annotated[bool, typer.Option(help="Compare the ONNX model with the PyTorch student (on val images when data is given) and time both.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")] = False,
 ) -> None:
@@ -52,6 +55,9 @@ def export_cli(
         fp16=fp16,
         int8=int8,
         calibration_images=calibration_images,
+        max_int8_drop=max_int8_drop / 100,
+        max_int8_tail_drop=max_int8_tail_drop / 100,
+        allow_int8_drop=allow_int8_drop,
         check=check,
     )
     with progress_bar(not json_output) as progress:
