@@ -324,7 +324,18 @@ def test_onnx_without_fopro_metadata(tmp_path):
         OnnxPredictor(tmp_path / "junk.onnx")
 
 
-def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
+def _close(a, b) -> bool:
+    """Nested JSON values equal, numbers within 1e-6 (ONNX and PyTorch float arithmetic)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return abs(a - b) <= 1e-6
+    return a == b
+
+
+def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, data_root, tmp_path):
     """The temperature fitted on val (checkpoint JSON) is inside the graph: ONNX and PyTorch give the same probabilities."""
     import shutil
 
@@ -334,7 +345,7 @@ def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
     ckpt = tmp_path / "calibrated.safetensors"
     for suffix in (".safetensors", ".json"):
         shutil.copy(checkpoints["resnet10t"].with_suffix(suffix), ckpt.with_suffix(suffix))
-    set_calibration(ckpt, 2.5)
+    set_calibration(ckpt, 2.5, {"akiec": [{"target_specificity": 0.9, "threshold": 0.4}], "mel": [{"target_specificity": 0.95, "threshold": 0.35}]})
     out = tmp_path / "calibrated.onnx"
     export_onnx(ckpt, out, ExportOptions(softmax=True, **FAST))
     images = raw_images(6)
@@ -344,5 +355,10 @@ def test_a_calibrated_checkpoint_exports_its_temperature(checkpoints, tmp_path):
     card = (tmp_path / "MODEL_CARD.md").read_text()  # written beside the model
     assert "## Quantisation" in card and "top-1 agreement 100.0 %" in card and "calibrated.onnx" in card
     np.testing.assert_allclose(onnx_model.predict_proba(images), torch_model.predict_proba(images), atol=1e-5)
+    from fopro.evaluate import EvalOptions, evaluate
+
+    from_onnx, from_checkpoint = (evaluate(model, DataOptions(data=data_root), EvalOptions(device="cpu", bootstrap=100)) for model in (out, ckpt))
+    for key in ("balanced_accuracy", "intervals", "calibration", "val_operating_points"):  # the same report from the file alone
+        assert from_onnx[key] == pytest.approx(from_checkpoint[key], abs=1e-6) if not isinstance(from_onnx[key], dict) else _close(from_onnx[key], from_checkpoint[key]), key
     plain = reference(checkpoints["resnet10t"], images)  # logits of the same weights
     np.testing.assert_allclose(torch_model.predict_proba(images), torch.softmax(torch.from_numpy(plain) / 2.5, dim=1).numpy(), atol=1e-5)

@@ -54,13 +54,18 @@ def with_interval(value: float | None, interval: list[float] | None) -> str:
 
 
 def operating_text(row: dict) -> str:
-    """Sensitivity at each target specificity: 'sens 71% @ spec 0.90'."""
-    return "  ".join(f"{fmt(op['sensitivity'])} @{op['target_specificity']:.2f}" for op in row.get("operating_points") or [])
+    """Sensitivity at each target specificity, in percent: '90.0 / 87.0'."""
+    return " / ".join(f"{100 * op['sensitivity']:.1f}" for op in row.get("operating_points") or [])
+
+
+def operating_header(report: dict) -> str:
+    targets = next((row["operating_points"] for row in report["per_class"] if row.get("operating_points")), [])
+    return "sens @ spec " + " / ".join(f"{op['target_specificity']:g}" for op in targets)
 
 
 def render_per_class(report: dict) -> None:
     table = Table(title="Per class (sorted by training count); recall with its 95 % bootstrap interval; sensitivity @ specificity")
-    for column in ("class", "train", "support", "precision", "recall", "specificity", "F1", "AUC", "AP", "sens @ spec", "group"):
+    for column in ("class", "train", "support", "precision", "recall", "specificity", "F1", "AUC", "AP", operating_header(report), "group"):
         table.add_column(column, justify="left" if column in ("class", "group") else "right")
     groups = {name: group for group, info in (report.get("groups") or {}).items() for name in info["classes"]}
     rows = sorted(report["per_class"], key=lambda r: -(r["train_count"] or 0))
