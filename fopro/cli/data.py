@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,7 @@ from rich.table import Table
 from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options, with_group_options
 from fopro.cli.render import GROUP_STYLE
 from fopro.data import DataOptions
+from fopro.data.split import SplitOptions, split_dataset
 from fopro.data.summary import data_info
 from fopro.data.synth import SynthConfig, generate_synth
 from fopro.metrics import LongTailGroups
@@ -26,10 +27,11 @@ app = typer.Typer(help="Inspect datasets and generate the embedded synthetic one
 def info_cli(
     data_options: DataOptions,
     groups: LongTailGroups,
+    group_column: Annotated[Optional[str], typer.Option(help="Patient or lesion id column of the split CSVs: warn when a group has images in two splits (a leak).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only a JSON object (key 'splits': split -> class -> count).")] = False,
 ) -> None:
     """Per-class image counts of each split, the imbalance ratio and head/medium/tail membership."""
-    result = data_info(data_options, groups)
+    result = data_info(data_options, groups, group_column)
     if json_output:
         print_json(result)
         return
@@ -57,6 +59,51 @@ def render_info(result: dict) -> None:
         ratio = result["imbalance_ratio"]
         console.print(f"imbalance ratio (rarest / most frequent training class): [bold]{ratio:.4f}[/] (1:{1 / ratio:.0f})")
         console.print("groups: " + ", ".join(f"{k}: {v}" for k, v in result["group_definition"].items()))
+    leakage = result.get("leakage")
+    if leakage and leakage["groups_on_two_sides"]:
+        examples = "; ".join(f"{escape(group)} in {', '.join(sides)}" for group, sides in leakage["examples"].items())
+        console.print(f"[bold yellow]warning:[/] {leakage['groups_on_two_sides']} of {leakage['groups']} '{escape(leakage['group_column'])}' "
+                      f"groups have images in two splits (e.g. {examples}): the numbers are inflated; split with fopro data split")
+    elif leakage:
+        console.print(f"no '{escape(leakage['group_column'])}' group has images in two splits ({leakage['groups']} groups)")
+
+
+@app.command("split")
+@cli_errors
+def split_cli(
+    source: Annotated[Path, typer.Argument(help="One metadata CSV (image and label columns, e.g. HAM10000's) or a folder ROOT/<class>/<image>.")],
+    out: Annotated[Path, typer.Option(help="Folder for train.csv, val.csv and test.csv (with --folds: fold<k>/train.csv, fold<k>/val.csv, test.csv).")],
+    label_column: Annotated[Optional[str], typer.Option(help="CSV column with the class (auto-detected when unambiguous).")] = None,
+    group_column: Annotated[Optional[str], typer.Option(help="Patient or lesion id: all images of a group go to the same split.")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="CSV column with the image path or id (auto-detected).")] = None,
+    val: Annotated[Optional[float], typer.Option(help="Fraction of each class for val, e.g. 0.15.")] = None,
+    test: Annotated[Optional[float], typer.Option(help="Fraction of each class for test, e.g. 0.15.")] = None,
+    val_per_class: Annotated[Optional[int], typer.Option(help="Images of each class for val (e.g. 50, the ISIC-2019-LT protocol).")] = None,
+    test_per_class: Annotated[Optional[int], typer.Option(help="Images of each class for test (e.g. 100).")] = None,
+    imbalance: Annotated[Optional[float], typer.Option(help="Subsample train to this long-tail factor (rarest / most frequent).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation files instead of one val split.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffles; the same seed gives the same files.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Stratified, patient- or lesion-grouped train / val / test CSVs from one metadata CSV."""
+    options = SplitOptions(label_column=label_column, group_column=group_column, image_column=image_column, val=val, test=test,
+                           val_per_class=val_per_class, test_per_class=test_per_class, imbalance=imbalance, folds=folds, seed=seed)
+    summary = split_dataset(source, out, options)
+    if json_output:
+        print_json(summary)
+        return
+    table = Table(title=f"Images per class in {escape(str(out))}")
+    table.add_column("class")
+    for name in summary["counts"]:
+        table.add_column(escape(name), justify="right")
+    for label in sorted({c for counts in summary["counts"].values() for c in counts}):
+        table.add_row(escape(label), *[str(counts.get(label, 0)) for counts in summary["counts"].values()])
+    console.print(table)
+    grouped = f"grouped by '{escape(group_column)}'" if group_column else "every image its own group"
+    console.print(f"{grouped}: {summary['groups_on_two_sides']} group(s) on two sides; files: "
+                  + ", ".join(escape(path) for path in summary["files"].values()))
+    for note in summary["notes"]:
+        console.print(f"[yellow]{escape(note)}[/]")
 
 
 @app.command("synth")

@@ -232,8 +232,8 @@ def _read_csv(path: Path, images: Path, options: DataOptions, classes: list[str]
     if isic:
         rows = _isic_rows(path, records, images)
     else:
-        image_col = _pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
-        label_col = _pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
+        image_col = pick_column(path, header, options.image_column, IMAGE_COLUMN_CANDIDATES, "--image-column")
+        label_col = pick_column(path, header, options.label_column, LABEL_COLUMN_CANDIDATES, "--label-column")
         for line, record in enumerate(records, start=2):
             empty = next((column for column in (image_col, label_col) if not record[column]), None)
             if empty is not None:
@@ -290,7 +290,7 @@ def _isic_rows(path: Path, records: list[dict[str, str]], images: Path) -> Rows:
     return rows
 
 
-def _pick_column(path: Path, header: list[str], chosen: str | None, candidates: tuple[str, ...], option: str) -> str:
+def pick_column(path: Path, header: list[str], chosen: str | None, candidates: tuple[str, ...], option: str) -> str:
     if chosen is not None:
         if chosen not in header:
             raise FoproError(f"{path} has no column '{chosen}' ({option}); its columns are: {', '.join(header)}")
