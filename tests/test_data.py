@@ -585,3 +585,12 @@ def test_the_pixel_limit_is_an_option(tmp_path: Path) -> None:
     with pytest.raises(FoproError, match=r"32 x 32 pixels is above the limit of 1,023 pixels \(--max-image-pixels\)"):
         checked_dataset(manifest, 32, skip_bad_images=False)
     assert len(checked_dataset(load_splits(DataOptions(data=root, max_pixels=32 * 32))["train"], 32, False)) == 4
+
+
+def test_an_image_id_without_extension_finds_its_file(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    write_image(images / "ISIC_0000001.jpg")
+    write_image(images / "ISIC_0000002.png")
+    csv_path = write_csv(tmp_path / "train.csv", ["image_id", "dx"], [["ISIC_0000001", "nv"], ["ISIC_0000002", "mel"]])
+    manifest = load_splits(DataOptions(train_csv=csv_path, images=images, image_column="image_id", label_column="dx"))["train"]
+    assert [p.name for p in manifest.paths] == ["ISIC_0000001.jpg", "ISIC_0000002.png"]

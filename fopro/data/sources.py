@@ -314,8 +314,13 @@ def _label_name(value: str, classes: list[str] | None) -> str:
 
 
 def resolve_image(images: Path, name: str) -> Path:
+    """The image file of a CSV cell: a path relative to `images` (or absolute); an id without an extension
+    (HAM10000's image_id) is the first existing id.png / id.jpg / ...."""
     path = Path(name)
-    return path if path.is_absolute() else images / path
+    path = path if path.is_absolute() else images / path
+    if not path.suffix and not path.exists():
+        return next((found for ext in IMAGE_EXTENSIONS if (found := path.with_name(path.name + ext)).is_file()), path)
+    return path
 
 
 def _check_rows(path: Path, rows: Rows) -> None:
