@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from fopro.data import DataOptions
-from fopro.data.manifest import MAX_IMAGE_PIXELS
+from fopro.data.dicom import parse_window
+from fopro.data.manifest import MAX_IMAGE_PIXELS, DecodeOptions
 from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESET_HELP, PRESETS, AugmentConfig, parse_scale, resolve_augment
 from fopro.errors import FoproError
 from fopro.fpg import FPG_MODES
@@ -109,6 +110,10 @@ class DistillConfig:
     max_image_pixels: int = option(
         MAX_IMAGE_PIXELS, "Images with more pixels (width x height) count as unreadable: decompression bombs, untiled slides.", DATA,
         rule=Rule(lambda v: v >= 256, "must be at least 256 (16 x 16 pixels)"),
+    )
+    dicom_window: str = option(
+        "auto", "DICOM intensity window CENTER,WIDTH for every .dcm image (after the rescale slope/intercept); auto: the "
+        "file's VOI LUT or window, else min-max.", DATA, metavar="auto|CENTER,WIDTH",
     )
     unlabeled: str | None = option(
         help="Unlabelled images (a folder, searched recursively, or a CSV with an image column) that join the alignment and FPG terms only (kd, ekd, fopro).",
@@ -258,6 +263,7 @@ class DistillConfig:
         check_loss(self.loss)
         self.augment_config()
         self.groups()
+        parse_window(self.dicom_window)
         if self.probe_kd > 0 and self.method == "none":
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
         if self.unlabeled and self.method == "none":
@@ -281,7 +287,7 @@ TYPES = typing.get_type_hints(DistillConfig)
 PATH_KEYS = tuple(name for name, f in OPTION_FIELDS.items() if f.metadata["path"])
 # The data options every command that reads data shares (fopro eval, probe, export, data info).
 DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "image_column", "label_column", "classes", "imbalance",
-             "data_seed", "skip_bad_images", "max_image_pixels")
+             "data_seed", "skip_bad_images", "max_image_pixels", "dicom_window")
 # Options of earlier versions: run folders that hold them still load (the value is dropped); config files are told.
 RETIRED_KEYS = {
     "reuse_teacher_forward": "was removed in fopro 0.3 (the student now always learns against the FPG step's teacher embedding)",
@@ -318,7 +324,7 @@ def data_options_of(values: dict[str, Any]) -> DataOptions:
         imbalance=values.get("imbalance"),
         seed=values.get("data_seed") or 0,
         skip_bad_images=bool(values.get("skip_bad_images")),
-        max_pixels=values.get("max_image_pixels") or MAX_IMAGE_PIXELS,
+        decode=DecodeOptions(values.get("max_image_pixels") or MAX_IMAGE_PIXELS, parse_window(values.get("dicom_window") or "auto")),
     )
 
 

@@ -160,7 +160,7 @@ def unlabeled_dataset(config: DistillConfig, augmentation: AugmentConfig, notes:
         return None
     data = config.data_options()
     manifest = read_unlabeled(Path(config.unlabeled), images=data.images, image_column=config.image_column)
-    manifest.max_pixels = data.max_pixels
+    manifest.decode = data.decode
     dataset = checked_dataset(
         manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed + UNLABELED_SEED_OFFSET, augment_config=augmentation
     )

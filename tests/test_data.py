@@ -26,6 +26,7 @@ from fopro.data import (
     subsample_longtail,
 )
 from fopro.data.images import BadImageError, to_rgb_array
+from fopro.data.manifest import DecodeOptions
 from fopro.data.summary import data_info
 from fopro.errors import FoproError
 from fopro.metrics import LongTailGroups
@@ -581,10 +582,10 @@ def test_a_fifo_listed_in_a_csv_is_not_read(tmp_path: Path, image_dir: Path) -> 
 
 def test_the_pixel_limit_is_an_option(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "d", {"train": {"a": 2, "b": 2}}, size=32)
-    manifest = load_splits(DataOptions(data=root, max_pixels=32 * 32 - 1))["train"]
+    manifest = load_splits(DataOptions(data=root, decode=DecodeOptions(max_pixels=32 * 32 - 1)))["train"]
     with pytest.raises(FoproError, match=r"32 x 32 pixels is above the limit of 1,023 pixels \(--max-image-pixels\)"):
         checked_dataset(manifest, 32, skip_bad_images=False)
-    assert len(checked_dataset(load_splits(DataOptions(data=root, max_pixels=32 * 32))["train"], 32, False)) == 4
+    assert len(checked_dataset(load_splits(DataOptions(data=root, decode=DecodeOptions(max_pixels=32 * 32)))["train"], 32, False)) == 4
 
 
 def test_an_image_id_without_extension_finds_its_file(tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fopro"
-# function-level imports allowed: matplotlib (its backend is picked on the first plot, never at import) and a
-# private torch constant that may move between versions (guarded by ImportError)
+# function-level imports allowed: matplotlib (its backend is picked on the first plot, never at import), a
+# private torch constant that may move between versions (guarded by ImportError), and the optional pydicom
 ALLOWED_LOCAL_IMPORTS = {("plots", "matplotlib"), ("plots", "matplotlib.pyplot"), ("plots", "matplotlib.colors"),
-                         ("export", "torch.onnx._constants")}
+                         ("export", "torch.onnx._constants"), ("data.dicom", "pydicom")}
 
 
 def module_name(path: Path) -> str:

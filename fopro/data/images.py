@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fopro.data.augment import DEFAULT_PRESET, PRESETS, AugmentConfig, augment
-from fopro.data.manifest import MAX_IMAGE_PIXELS, Manifest
+from fopro.data.dicom import is_dicom, read_dicom
+from fopro.data.manifest import MAX_IMAGE_PIXELS, DecodeOptions, Manifest
 from fopro.errors import FoproError
 
 CACHE_LIMIT_BYTES = 2 * 1024**3
@@ -57,17 +58,32 @@ def open_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     return image
 
 
-def load_image(path: Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased), upright as displayed (EXIF
-    orientation applied); large JPEGs are decoded at a reduced scale (still at least 2 x size) first."""
-    with open_image(path, max_pixels) as image:
+def decode_rgb(path: Path, size: int, decode: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """uint8 H x W x 3 of any image file fopro reads (DICOM included), upright as displayed (EXIF orientation
+    applied); large JPEGs are decoded at a reduced scale (still at least 2 x size) first."""
+    if is_dicom(path):
+        if not path.is_file():
+            raise BadImageError(path, "not a regular file")
+        try:
+            array = read_dicom(path, decode.dicom_window)
+        except ValueError as err:
+            raise BadImageError(path, str(err)) from err
+        if array.shape[0] * array.shape[1] > decode.max_pixels:
+            raise BadImageError(path, f"{array.shape[1]} x {array.shape[0]} pixels is above the limit of {decode.max_pixels:,} pixels (--max-image-pixels)")
+        return array
+    with open_image(path, decode.max_pixels) as image:
         try:
             if image.format == "JPEG" and min(image.size) >= 4 * size:
                 image.draft("RGB", (2 * size, 2 * size))
             image.load()
-            array = to_rgb_array(ImageOps.exif_transpose(image))
+            return to_rgb_array(ImageOps.exif_transpose(image))
         except DECODE_ERRORS as err:
             raise BadImageError(path, str(err)) from err
+
+
+def load_image(path: Path, size: int, decode: DecodeOptions = DecodeOptions()) -> torch.Tensor:
+    """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased)."""
+    array = decode_rgb(path, size, decode)
     array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # PIL's buffer is read-only: torch warns and sharing it is undefined
         array = array.copy()
@@ -78,8 +94,11 @@ def load_image(path: Path, size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> tor
     return tensor
 
 
-def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    with open_image(path, max_pixels) as image:
+def verify_image(path: Path, decode: DecodeOptions = DecodeOptions()) -> None:
+    if is_dicom(path):  # a DICOM header says little: decode it
+        decode_rgb(path, 0, decode)
+        return
+    with open_image(path, decode.max_pixels) as image:
         try:
             image.verify()
         except DECODE_ERRORS as err:
@@ -132,10 +151,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def raw(self, index: int) -> torch.Tensor:
         if self._cache is None:
-            return load_image(self.manifest.paths[index], self.image_size, self.manifest.max_pixels)
+            return load_image(self.manifest.paths[index], self.image_size, self.manifest.decode)
         cached = self._cache[index]
         if cached is None:
-            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size, self.manifest.max_pixels)
+            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size, self.manifest.decode)
         return cached
 
     def scan(self) -> dict[int, str]:
@@ -148,7 +167,7 @@ class ImageDataset(torch.utils.data.Dataset):
         for index in range(len(self)):
             try:
                 if self._cache is None:
-                    verify_image(self.manifest.paths[index], self.manifest.max_pixels)
+                    verify_image(self.manifest.paths[index], self.manifest.decode)
                 else:
                     self.raw(index)
             except BadImageError as err:

@@ -17,6 +17,14 @@ UNLABELED = -1  # the label of an unlabelled image (--unlabeled): the supervised
 MAX_IMAGE_PIXELS = 64_000_000
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the images of a manifest are decoded (the data options --max-image-pixels and --dicom-window)."""
+
+    max_pixels: int = MAX_IMAGE_PIXELS  # images with more pixels count as unreadable
+    dicom_window: tuple[float, float] | None = None  # (center, width) for every DICOM image; None: the file's, else min-max
+
+
 def has_control_characters(text: str) -> bool:
     """Terminal escapes, line breaks, bidirectional overrides, zero-width marks: text that must not reach a screen."""
     return any(unicodedata.category(char) in ("Cc", "Cf") for char in text)
@@ -39,7 +47,7 @@ class Manifest:
     split: str = "train"
     source: str = ""
     notes: list[str] = field(default_factory=list)
-    max_pixels: int = MAX_IMAGE_PIXELS  # images with more pixels count as unreadable
+    decode: DecodeOptions = DecodeOptions()
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -67,7 +75,7 @@ class Manifest:
             split=self.split,
             source=self.source,
             notes=list(self.notes),
-            max_pixels=self.max_pixels,
+            decode=self.decode,
         )
 
     def image_ids(self) -> list[str]:

@@ -6,12 +6,13 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fopro.data.dicom import has_dicom_preamble
 from fopro.data.longtail import check_imbalance, longtail_indices
-from fopro.data.manifest import MAX_IMAGE_PIXELS, Manifest, check_class_names
+from fopro.data.manifest import DecodeOptions, Manifest, check_class_names
 from fopro.errors import FoproError
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 # The `finding` column of the FoPro-KD ISIC-2019 split files: classes ordered by training frequency.
 ISIC2019_CLASSES = ["NV", "MEL", "BCC", "BKL", "AK", "SCC", "VASC", "DF"]
 ISIC2019_COLUMNS = ("image", "finding_name", "finding")
@@ -35,7 +36,7 @@ class DataOptions:
     imbalance: float | None = None
     seed: int = 0
     skip_bad_images: bool = False
-    max_pixels: int = MAX_IMAGE_PIXELS
+    decode: DecodeOptions = DecodeOptions()
 
     def csv_for(self, split: str) -> Path | None:
         return {"train": self.train_csv, "val": self.val_csv, "test": self.test_csv}[split]
@@ -100,7 +101,7 @@ def load_splits(
     if options.imbalance is not None and "train" in manifests:
         manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
     for manifest in manifests.values():
-        manifest.max_pixels = options.max_pixels
+        manifest.decode = options.decode
     return Splits(manifests=manifests, classes=class_list)
 
 
@@ -189,9 +190,12 @@ def _read_split_folder(folder: Path) -> Rows:
 
 
 def is_image_file(path: Path, root: Path) -> bool:
-    """A regular file (not a pipe or a device) with an image suffix, outside hidden files and folders under root."""
+    """A regular file (not a pipe or a device) with an image suffix, or a DICOM file without one, outside hidden
+    files and folders under root."""
     hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file()
+    if hidden or not path.is_file():
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or (not path.suffix and has_dicom_preamble(path))
 
 
 def _check_links(folder: Path, class_dirs: list[Path]) -> None:
