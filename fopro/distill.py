@@ -17,6 +17,7 @@ from fopro.runtime import ProgressFn, no_progress
 from fopro.train import train
 
 DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv")
+AUTO = "auto"  # --resume auto
 RESUME_OVERRIDES = ("device", "workers")  # where a resumed run may run; everything else comes from the run
 
 
@@ -31,6 +32,8 @@ def distill(
 
     Launched by torchrun, every process runs this; the process group lives for the call.
     """
+    if resume is not None and str(resume) == AUTO:
+        resume, overwrite = auto_resume(cli_values, read_config_file(config_file) if config_file else {})
     file_values = read_config_file(config_file) if config_file and resume is None else {}
     if resume is not None:
         config = load_run_config(Path(resume))
@@ -50,6 +53,21 @@ def distill(
         return start_run(config, {**file_values, **cli_values}, overwrite, progress, env)
     finally:
         distributed.shutdown()
+
+
+def auto_resume(cli_values: dict[str, Any], file_values: dict[str, Any]) -> tuple[Path | None, bool]:
+    """--resume auto: (the run folder, False) when --out holds a resumable state, else (None, True): start it, over
+    a folder that holds no finished work (a start killed before its first epoch ended). One command line serves the
+    first start and every restart of a pre-empted job."""
+    out = cli_values.get("out") or file_values.get("out")
+    if not out:
+        raise FoproError("--resume auto needs --out RUN: the folder to resume when it holds a run, or to start the run in")
+    run_dir = Path(out)
+    if (run_dir / "resume.safetensors").is_file():
+        return run_dir, False
+    if (run_dir / "last.safetensors").is_file():
+        raise FoproError(f"--resume auto: {run_dir} holds checkpoints but no resumable state: choose another --out")
+    return None, True
 
 
 def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, progress: ProgressFn, env: DistEnv) -> dict:

@@ -44,15 +44,18 @@ from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor
 from fopro.state import load_state, save_state
 
 RUN_MARKERS = ("config.json", "last.safetensors", "resume.safetensors")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 LOG_EVERY = 10  # steps between the progress line's loss updates (each one synchronises the device once)
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C or SIGTERM once a resumable state has been saved."""
+    """Raised after Ctrl-C, SIGTERM or SIGUSR1 once a resumable state has been saved."""
 
-    def __init__(self, run_dir: Path, epoch: int, step: int):
-        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; resume with: fopro distill --resume {run_dir}")
+    def __init__(self, run_dir: Path, epoch: int, step: int, signal_name: str = "SIGINT"):
+        super().__init__(f"interrupted ({signal_name}) at epoch {epoch + 1}, step {step}; resume with: fopro distill --resume {run_dir} "
+                         f"(or the same command with --resume auto)")
         self.run_dir = run_dir
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -208,12 +211,15 @@ def autocast(run: Run):
 
 @contextmanager
 def interrupt_flag() -> Iterator[dict[str, bool]]:
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) sets a flag that the loop checks between steps, so a
-    resumable state can be saved first."""
-    flag = {"stop": False}
-    stop = lambda *_: flag.__setitem__("stop", True)  # noqa: E731
+    """Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (a scheduler's stop or pre-emption warning) sets a flag that the loop
+    checks between steps, so a resumable state can be saved first."""
+    flag: dict[str, Any] = {"stop": False, "signal": "SIGINT"}
+
+    def stop(signum: int, _frame: Any) -> None:
+        flag.update(stop=True, signal=signal.Signals(signum).name)
+
     try:
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave signals alone
         yield flag
         return
@@ -294,7 +300,7 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
             if run.env.is_main:
                 save_state(run.run_dir / "resume.safetensors", capture(run))
             barrier(run.env)
-            raise TrainingInterrupted(run.run_dir, run.epoch, run.step)
+            raise TrainingInterrupted(run.run_dir, run.epoch, run.step, flag["signal"])
     run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
 
 

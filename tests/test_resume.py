@@ -90,7 +90,7 @@ def test_ctrl_c_mid_epoch_then_resume_gives_the_straight_run(fopro_two_epoch_run
     with pytest.raises(TrainingInterrupted) as stop:
         train(config, run_dir, progress=_sigint_at(epoch=2, step=1))
     message = str(stop.value)
-    assert f"fopro distill --resume {run_dir}" in message and "interrupted at epoch 2" in message
+    assert f"fopro distill --resume {run_dir}" in message and "interrupted (SIGINT) at epoch 2" in message
     assert signal.getsignal(signal.SIGINT) is handler  # the Ctrl-C handler is given back
     _assert_interrupted_state(run_dir, epoch=1)
     assert [r["epoch"] for r in _metrics(run_dir)] == [1]
@@ -234,3 +234,51 @@ def test_kill_9_mid_epoch_then_resume_gives_the_straight_run(kill_data, distill_
     _assert_same_weights(run_dir, straight)
     _assert_same_history(run_dir, straight, epochs=values["epochs"])
     assert _metrics(run_dir)[-1]["val"] == _metrics(straight)[-1]["val"]
+
+
+def test_sigterm_then_the_same_command_with_resume_auto_gives_the_straight_run(fopro_two_epoch_run, tmp_path):
+    """A pre-empted job (SIGTERM mid-epoch) restarted by the SAME command line (--resume auto) ends bit-identical."""
+    values, straight = fopro_two_epoch_run
+    run_dir = tmp_path / "run"
+    command = {**values, "out": str(run_dir)}
+
+    def sigterm_at(epoch: int, step: int):
+        fired = {"done": False}
+
+        def progress(description: str, done: int, total: int) -> None:
+            if not fired["done"] and description.startswith(f"epoch {epoch}/") and done == step:
+                fired["done"] = True
+                signal.raise_signal(signal.SIGTERM)
+
+        return progress
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        distill(command, resume="auto", progress=sigterm_at(epoch=2, step=1))
+    assert stop.value.signal_name == "SIGTERM" and "--resume auto" in str(stop.value)
+    _assert_interrupted_state(run_dir, epoch=1)
+    summary = distill(command, resume="auto")  # the restart: same options
+    assert any("resumed at epoch 2" in note for note in summary["notes"])
+    _assert_same_weights(run_dir, straight)
+    _assert_same_history(run_dir, straight, epochs=2)
+    again = distill(command, resume="auto")  # a third start of a finished run only summarises it
+    assert again["best_epoch"] == summary["best_epoch"]
+    with pytest.raises(FoproError, match="--resume auto needs --out"):
+        distill(values, resume="auto")
+
+
+def test_cli_sigterm_exits_75_so_a_scheduler_can_requeue(fopro_two_epoch_run, tmp_path, monkeypatch):
+    import fopro.cli.distill
+
+    values, _ = fopro_two_epoch_run
+
+    @contextlib.contextmanager
+    def terminated(enabled: bool = True):
+        yield lambda description, done, total: signal.raise_signal(signal.SIGTERM) if description.startswith("epoch 1/") and done == 1 else None
+
+    monkeypatch.setattr(fopro.cli.distill, "progress_bar", terminated)
+    args = ["distill", "--out", str(tmp_path / "run"), "--resume", "auto"]
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == fopro.cli.distill.REQUEUE_EXIT_CODE == 75, result.output
+    assert "interrupted (SIGTERM)" in " ".join(result.stderr.split())

@@ -15,13 +15,16 @@ from fopro.distributed import env_from_environment
 from fopro.train import TrainingInterrupted
 
 
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGUSR1 with a resumable state; run the same command again
+
+
 @cli_errors
 @with_distill_options
 def distill_cli(
     ctx: typer.Context,
     values: dict,
     config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file with the same keys as these options; command-line options override it.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder with its saved options.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run folder with its saved options; auto: resume --out when it holds a resumable state, else start it (one command line for a job's first start and every restart).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout, nothing else.")] = False,
 ) -> None:
@@ -35,7 +38,7 @@ def distill_cli(
     except TrainingInterrupted as stop:
         if is_main:
             err_console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(130 if stop.signal_name == "SIGINT" else REQUEUE_EXIT_CODE) from None
     if not is_main:
         return
     if json_output:
