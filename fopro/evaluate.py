@@ -11,16 +11,17 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fopro.models.weights import build_model
+from fopro.bootstrap import DEFAULT_RESAMPLES
+from fopro.calibration import calibration_report, uncalibrated
+from fopro.config import load_run_config
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import check_output_folder, write_json, write_text
-from fopro.bootstrap import DEFAULT_RESAMPLES
-from fopro.calibration import calibration_report, uncalibrated
 from fopro.metrics import DEFAULT_GROUPS, DEFAULT_SPECIFICITIES, LongTailGroups, apply_operating_points, compute_metrics
+from fopro.models.weights import build_model
 from fopro.onnx_model import OnnxPredictor
-from fopro.preprocess import Preprocess
 from fopro.plots import plot_confusion, plot_reliability, plot_roc_pr
+from fopro.preprocess import Preprocess
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 
@@ -81,6 +82,16 @@ class TorchPredictor:
         return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
 
+def run_inputs(model_path: str | Path, data: DataOptions) -> tuple[Path, DataOptions]:
+    """A run folder means its best checkpoint and, when no data option is given, the run's own data (config.json)."""
+    path = Path(model_path)
+    if path.is_dir() and (path / "best.safetensors").is_file():
+        if not data.given() and (path / "config.json").is_file():
+            data = load_run_config(path).data_options()
+        path = path / "best.safetensors"
+    return path, data
+
+
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
     path = Path(path)
     if path.suffix == ".onnx":
@@ -114,6 +125,7 @@ def evaluate(
         raise FoproError(f"--bootstrap {options.bootstrap} must not be negative (0 turns the intervals off)")
     if not options.specificities or not all(0 < s < 1 for s in options.specificities):
         raise FoproError(f"--specificity {','.join(map(str, options.specificities))}: give targets in (0, 1), e.g. 0.9,0.95")
+    model_path, data = run_inputs(model_path, data)
     if out_dir is not None:
         check_output_folder(out_dir, "--out", (data.data, data.images))
         check_writable_dir(Path(out_dir), "--out")

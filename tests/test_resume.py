@@ -282,3 +282,13 @@ def test_cli_sigterm_exits_75_so_a_scheduler_can_requeue(fopro_two_epoch_run, tm
     result = CliRunner().invoke(app, args)
     assert result.exit_code == fopro.cli.distill.REQUEUE_EXIT_CODE == 75, result.output
     assert "interrupted (SIGTERM)" in " ".join(result.stderr.split())
+
+
+def test_eval_of_a_run_folder_uses_its_best_checkpoint_and_its_data(fopro_two_epoch_run):
+    from fopro.data import DataOptions
+    from fopro.evaluate import EvalOptions, evaluate
+
+    _, straight = fopro_two_epoch_run
+    report = evaluate(straight, DataOptions(), EvalOptions(device="cpu", bootstrap=0))
+    assert Path(report["model"]) == straight / "best.safetensors"
+    assert report["data"] == load_run_config(straight).data_options().describe()

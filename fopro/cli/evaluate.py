@@ -21,7 +21,7 @@ from fopro.evaluate import EvalOptions, evaluate, parse_specificities
 def eval_cli(
     data_options: DataOptions,
     groups: LongTailGroups,
-    model: Annotated[Path, typer.Argument(help="A fopro checkpoint (NAME.safetensors with NAME.json) or an exported .onnx file.")],
+    model: Annotated[Path, typer.Argument(help="A fopro checkpoint (NAME.safetensors with NAME.json), an exported .onnx file, or a run folder (its best checkpoint, on the run's own data unless data options are given).")],
     split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (PyTorch checkpoints).")] = "auto",
