@@ -350,6 +350,15 @@ def test_cli_fpg(tmp_path, synth):
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "--fpg" in bad.stderr
 
 
+def test_probe_fpg_without_data_options_uses_the_runs_data(tmp_path, synth):
+    _fake_run(tmp_path / "run", mode="dataset")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["data"] = str(synth)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    result = probe_fpg(tmp_path / "run", DataOptions(), ProbeOptions(bands=2, per_class=3), tmp_path / "out")
+    assert result["num_images"] > 0 and any(f"the run's own ({synth})" in note for note in result["notes"])
+
+
 # ------------------------------------------------------------------------------------------ probe.json -> gains
 
 

@@ -45,7 +45,7 @@ def probe_cli(
     linear: Annotated[bool, typer.Option("--linear/--no-linear", help="With --teacher: also train a linear classifier on the frozen teacher's embeddings of the train split and score it on --split (how much the teacher knows).")] = True,
     linear_views: Annotated[int, typer.Option(help="Augmented passes over the train split that the linear probe is trained on (each a different draw).")] = 4,
     augment: Annotated[str, typer.Option(help=f"Augmentation preset of the linear probe's train views, as in `fopro distill`. {AUGMENT_PRESETS}.")] = DEFAULT_PRESET,
-    out: Annotated[Optional[Path], typer.Option(help="Write probe.json and probe.png here (with --fpg: fpg.json and fpg_mask.png; default RUN_DIR).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write probe.json and probe.png here (with --fpg: fpg.json and fpg_mask.png; default RUN_DIR; without data options --fpg uses the run's data).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON on stdout, nothing else.")] = False,
 ) -> None:
     """How scaling each frequency band of the images changes how well the frozen teacher separates the classes,

@@ -173,6 +173,9 @@ def probe_fpg(
     config = read_run_config(run_dir)
     fpg = load_run_fpg(run_dir)
     notes: list[str] = []
+    if not data_options.given():  # the run's own data (its config.json)
+        data_options = load_run_config(Path(run_dir)).data_options()
+        notes.append(f"data: the run's own ({data_options.describe()})")
     probe = read_probe_json(probe_json) if probe_json is not None else None
     if probe is not None:
         edges = probe["bands"]
