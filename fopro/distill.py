@@ -3,6 +3,7 @@ embedded default when no data and no teacher are given, and train."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,9 @@ def distill(
             ignored = sorted(k for k in cli_values if k not in RESUME_OVERRIDES)
             if ignored:
                 summary["notes"].insert(0, f"--resume uses the run's saved options; ignored: {', '.join('--' + k.replace('_', '-') for k in ignored)}")
-            return summary
-        return start_run(config, {**file_values, **cli_values}, overwrite, progress, env)
+            return {**summary, "next_steps": next_steps(config)}
+        summary = start_run(config, {**file_values, **cli_values}, overwrite, progress, env)
+        return {**summary, "next_steps": next_steps(config)}  # start_run filled in config (out, the demo data)
     finally:
         distributed.shutdown()
 
@@ -68,6 +70,23 @@ def auto_resume(cli_values: dict[str, Any], file_values: dict[str, Any]) -> tupl
     if (run_dir / "last.safetensors").is_file():
         raise FoproError(f"--resume auto: {run_dir} holds checkpoints but no resumable state: choose another --out")
     return None, True
+
+
+def next_steps(config: DistillConfig) -> list[str]:
+    """The commands a user runs next, with this run's paths filled in."""
+    run = shlex.quote(str(config.out))
+    data = " ".join(f"--{key.replace('_', '-')} {shlex.quote(str(getattr(config, key)))}"
+                    for key in ("data", "train_csv", "val_csv", "test_csv", "images", "image_column", "label_column")
+                    if getattr(config, key))
+    steps = [
+        f"fopro eval {run} --data OTHER_DATA   # the best checkpoint on other data (its own: fopro eval {run})",
+        f"fopro export {run}/best.safetensors --onnx {run}/student.onnx {data}   # ONNX, checked, with MODEL_CARD.md",
+        f"fopro card {run}   # the model card of this run",
+    ]
+    if config.teacher:
+        weights = f" --teacher-weights {shlex.quote(config.teacher_weights)}" if config.teacher_weights else ""
+        steps.append(f"fopro probe --teacher {shlex.quote(config.teacher)}{weights} {data}   # what the teacher knows, band by band")
+    return steps
 
 
 def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, progress: ProgressFn, env: DistEnv) -> dict:

@@ -53,6 +53,7 @@ def test_only_rank_zero_writes_and_prints(runs):
     assert files == sorted(p.name for p in (root / "single").iterdir())
     assert not list((root / "double").glob("*.tmp")) and not list((root / "double").glob(".*"))
     assert double.stdout.count("run folder:") == 1
+    assert double.stdout.count("next steps:") == 1 and "fopro export" in double.stdout  # the summary ends with what to run next
     lines = (root / "double" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 

@@ -258,6 +258,8 @@ def test_sigterm_then_the_same_command_with_resume_auto_gives_the_straight_run(f
     _assert_interrupted_state(run_dir, epoch=1)
     summary = distill(command, resume="auto")  # the restart: same options
     assert any("resumed at epoch 2" in note for note in summary["notes"])
+    assert summary["next_steps"][0].startswith(f"fopro eval {run_dir} --data OTHER_DATA")  # what to do next, paths filled in
+    assert any(step.startswith(f"fopro export {run_dir}/best.safetensors --onnx {run_dir}/student.onnx --data ") for step in summary["next_steps"])
     _assert_same_weights(run_dir, straight)
     _assert_same_history(run_dir, straight, epochs=2)
     again = distill(command, resume="auto")  # a third start of a finished run only summarises it

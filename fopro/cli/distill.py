@@ -89,3 +89,7 @@ def render_summary(summary: dict[str, Any]) -> None:
         render_eval(summary["test"], title="best checkpoint on the test split")
     render_teacher_probe(summary)
     console.print(f"run folder: [bold]{summary['run_dir']}[/] (best.safetensors, last.safetensors, metrics.jsonl, config.json)")
+    if summary.get("next_steps"):
+        console.print("next steps:")
+        for command in summary["next_steps"]:
+            console.print(f"  {escape(command)}", highlight=False, soft_wrap=True)
