@@ -26,6 +26,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """log p, with probabilities that underflowed to 0 kept finite (as the logits minus a per-image constant)."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), 1e-300, 1.0))
+
+
 def negative_log_likelihood(log_probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean -log p(true class)."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -63,8 +68,7 @@ def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
 def calibration_report(probs: np.ndarray, labels: np.ndarray, temperature: float, ece_bins: int = 15) -> dict:
     """ECE and NLL of the probabilities before (T = 1) and after temperature scaling, on one evaluated split."""
     before = uncalibrated(probs, temperature)
-    with np.errstate(divide="ignore"):
-        nll = lambda p: negative_log_likelihood(np.log(np.clip(p, 1e-300, 1.0)), labels)  # noqa: E731
+    nll = lambda p: negative_log_likelihood(log_probs(p), labels)  # noqa: E731
     return {
         "temperature": float(temperature),
         "ece_before": float(expected_calibration_error(labels, before, ece_bins)),

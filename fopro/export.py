@@ -360,8 +360,11 @@ def export_onnx(
             final = _to_fp16(float_model, meta)
         elif options.int8:
             final = _quantize(fp32_path, Path(work), props, calibration, meta, options)
-            report["int8_accuracy"] = _int8_accuracy(final, Path(work), model, meta, calibration, options)
-            report["int8_val"] = int8_on_val(final, Path(work), model, meta, data, options)
+            int8_path = Path(work) / "int8_check.onnx"  # saved once; both checks run this one session
+            onnx.save(final, str(int8_path))
+            int8_session = open_session(int8_path)
+            report["int8_accuracy"] = _int8_accuracy(int8_session, model, meta, calibration, options)
+            report["int8_val"] = int8_on_val(int8_session, model, meta, data, options)
             progress("exporting", 2, steps)
         else:
             final = float_model
@@ -472,17 +475,14 @@ def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample
     return onnx.load(str(int8_path))
 
 
-def int8_on_val(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, data: DataOptions, options: ExportOptions) -> dict:
+def int8_on_val(session: Any, model: nn.Module, meta: CheckpointMeta, data: DataOptions, options: ExportOptions) -> dict:
     """The int8 model against the float one on the VAL split (not the calibration images), class by class: the
     change of balanced accuracy and of tail recall; a drop beyond the limits stops the export (unless allowed)."""
     try:
         sample = sample_images(data, meta, ("val",), options.val_images, options.seed)
     except FoproError as err:
         return {"skipped": f"no val images to check the int8 model on ({err})"}
-    path = work / "int8_val.onnx"
-    onnx.save(final, str(path))
-    quantised = run_batched(open_session(path), graph_input(sample.images, meta.preprocess, options.include_preprocess), options.batch)
-    reference = torch_outputs(model, meta, sample.images, options.softmax)
+    reference, quantised = _float_and_int8(session, model, meta, sample, options)
     report = {name: compute_metrics(sample.labels, _as_probs(outputs, options.softmax), meta.classes, meta.train_counts)
               for name, outputs in (("float", reference), ("int8", quantised))}
     change = {key: _change(report["float"][key], report["int8"][key]) for key in ("balanced_accuracy", "tail_recall")}
@@ -520,15 +520,16 @@ def _change(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _int8_accuracy(final: Any, work: Path, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:
+def _float_and_int8(session: Any, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch student's outputs and the int8 session's on the same images."""
+    quantised = run_batched(session, graph_input(sample.images, meta.preprocess, options.include_preprocess), options.batch)
+    return torch_outputs(model, meta, sample.images, options.softmax), quantised
+
+
+def _int8_accuracy(session: Any, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:
     """Top-1 agreement of the int8 model with the float model, and both accuracies, on the calibration images."""
-    path = work / "int8_check.onnx"
-    onnx.save(final, str(path))
-    session = open_session(path)
-    feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
-    quantised = run_batched(session, feed, options.batch)
-    reference = torch_outputs(model, meta, sample.images, options.softmax)
-    result: dict[str, Any] = {"images": len(feed), "source": sample.source}
+    reference, quantised = _float_and_int8(session, model, meta, sample, options)
+    result: dict[str, Any] = {"images": len(quantised), "source": sample.source}
     result.update(compare(reference, quantised))
     accuracy_float = float((reference.argmax(1) == sample.labels).mean())
     accuracy_int8 = float((quantised.argmax(1) == sample.labels).mean())

@@ -10,7 +10,8 @@ import numpy as np
 
 from fopro.errors import FoproError
 from fopro.io import atomic_path
-from fopro.metrics import average_precision, binary_auc, ranked_counts
+from fopro.metrics import binary_auc
+from fopro.operating_points import average_precision, ranked_counts
 
 
 def _pyplot() -> Any:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fopro.calibration import calibration_report, fit_temperature, log_softmax
+from fopro.calibration import calibration_report, fit_temperature, log_probs, log_softmax
 from fopro.checkpoint import CheckpointMeta, save_checkpoint, set_calibration
 from fopro.config import DistillConfig, save_config
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits, read_unlabeled
@@ -35,8 +35,9 @@ from fopro import linear_probe
 from fopro.linear_probe import fit_teacher_probe, score_probe
 from fopro.losses import SupervisedLoss
 from fopro.methods import Method, build_method
-from fopro.metrics import compute_metrics, fit_operating_points
+from fopro.metrics import compute_metrics
 from fopro.models import Teacher, create_student, load_teacher
+from fopro.operating_points import fit_operating_points
 from fopro.preprocess import Preprocess
 from fopro.probe.file import band_gains_from_probe
 from fopro.runtime import ProgressFn, no_progress, resolve_device
@@ -532,8 +533,9 @@ def calibrate_best(run: Run, progress: ProgressFn) -> dict[str, Any]:
     predictor.temperature = 1.0  # fit on the plain logits, also when a finished run is summarised again
     probs = predict(predictor, run.val_set, max(64, run.config.batch_size), progress)
     labels = np.asarray(run.val_set.manifest.labels)
-    temperature = fit_temperature(np.log(np.clip(probs, 1e-300, 1.0)), labels)  # log p = logits - a per-image constant
-    calibrated = np.exp(log_softmax(np.log(np.clip(probs, 1e-300, 1.0)) / temperature))
+    plain = log_probs(probs)  # the logits minus a per-image constant: the same softmax(. / T) for every T
+    temperature = fit_temperature(plain, labels)
+    calibrated = np.exp(log_softmax(plain / temperature))
     points = {
         name: [{"target_specificity": op["target_specificity"], "threshold": op["threshold"]} for op in ops if op["threshold"] is not None]
         for name, ops in fit_operating_points(labels, calibrated, run.splits.classes).items()

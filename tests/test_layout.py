@@ -63,6 +63,7 @@ def test_the_library_never_imports_the_cli() -> None:
         ("fopro.evaluate", "fopro.export"),
         ("fopro.probe.file", "torch"),
         ("fopro.probe.crossval", "torch"),
+        ("fopro.operating_points", "torch"),
         ("fopro.config", "fopro.train"),
     ],
 )

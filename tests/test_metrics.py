@@ -335,7 +335,7 @@ def _binary_cases(count: int = 25):
 def test_average_precision_matches_sklearn() -> None:
     from sklearn.metrics import average_precision_score
 
-    from fopro.metrics import average_precision
+    from fopro.operating_points import average_precision
 
     for positive, scores in _binary_cases():
         assert average_precision(positive, scores) == pytest.approx(average_precision_score(positive, scores), abs=1e-12)
@@ -346,7 +346,7 @@ def test_average_precision_matches_sklearn() -> None:
 def test_sensitivity_at_specificity_matches_the_roc_curve(target: float) -> None:
     from sklearn.metrics import roc_curve
 
-    from fopro.metrics import sensitivity_at_specificity
+    from fopro.operating_points import sensitivity_at_specificity
 
     for positive, scores in _binary_cases():
         fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
@@ -422,7 +422,7 @@ def test_compute_metrics_reports_operating_points_and_intervals() -> None:
 
 
 def test_thresholds_fitted_on_one_split_applied_to_another() -> None:
-    from fopro.metrics import apply_operating_points, fit_operating_points
+    from fopro.operating_points import apply_operating_points, fit_operating_points
 
     labels, preds = _bootstrap_case()
     rng = np.random.default_rng(3)

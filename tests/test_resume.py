@@ -60,14 +60,15 @@ def _assert_same_history(run: Path, straight: Path, epochs: int) -> None:
     assert [r.get("best", False) for r in got] == [r.get("best", False) for r in want]
 
 
-def _sigint_at(epoch: int, step: int):
-    """A progress callback that presses Ctrl-C (a real SIGINT to this process) during `epoch` (1-based) at `step`."""
+def _sigint_at(epoch: int, step: int, signum: signal.Signals = signal.SIGINT):
+    """A progress callback that presses Ctrl-C (a real SIGINT to this process; or sends `signum`) during `epoch`
+    (1-based) at `step`."""
     fired = {"done": False}
 
     def progress(description: str, done: int, total: int) -> None:
         if not fired["done"] and description.startswith(f"epoch {epoch}/") and done == step:
             fired["done"] = True
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     return progress
 
@@ -241,19 +242,8 @@ def test_sigterm_then_the_same_command_with_resume_auto_gives_the_straight_run(f
     values, straight = fopro_two_epoch_run
     run_dir = tmp_path / "run"
     command = {**values, "out": str(run_dir)}
-
-    def sigterm_at(epoch: int, step: int):
-        fired = {"done": False}
-
-        def progress(description: str, done: int, total: int) -> None:
-            if not fired["done"] and description.startswith(f"epoch {epoch}/") and done == step:
-                fired["done"] = True
-                signal.raise_signal(signal.SIGTERM)
-
-        return progress
-
     with pytest.raises(TrainingInterrupted) as stop:
-        distill(command, resume="auto", progress=sigterm_at(epoch=2, step=1))
+        distill(command, resume="auto", progress=_sigint_at(epoch=2, step=1, signum=signal.SIGTERM))
     assert stop.value.signal_name == "SIGTERM" and "--resume auto" in str(stop.value)
     _assert_interrupted_state(run_dir, epoch=1)
     summary = distill(command, resume="auto")  # the restart: same options
@@ -275,7 +265,7 @@ def test_cli_sigterm_exits_75_so_a_scheduler_can_requeue(fopro_two_epoch_run, tm
 
     @contextlib.contextmanager
     def terminated(enabled: bool = True):
-        yield lambda description, done, total: signal.raise_signal(signal.SIGTERM) if description.startswith("epoch 1/") and done == 1 else None
+        yield _sigint_at(epoch=1, step=1, signum=signal.SIGTERM)
 
     monkeypatch.setattr(fopro.cli.distill, "progress_bar", terminated)
     args = ["distill", "--out", str(tmp_path / "run"), "--resume", "auto"]
