@@ -28,6 +28,7 @@ from fopro.losses import check_loss
 from fopro.methods import METHODS, MethodConfig
 from fopro.metrics import LongTailGroups
 from fopro.models import StudentOptions, TeacherOptions
+from fopro.tracking import TRACKERS, check_tracker
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -176,7 +177,7 @@ class DistillConfig:
     )
     probe_init: str | None = option(help="Start the dataset-level prompt from a probe.json (amplify the preferred bands).", panel=FPG, path=True)
     # optimisation
-    epochs: int = option(100, "Training epochs (default 100; 6 on the synthetic demo).", OPTIM, rule=AT_LEAST_1)
+    epochs: int = option(100, "Training epochs (default 100; 5 on the synthetic demo).", OPTIM, rule=AT_LEAST_1)
     batch_size: int = option(
         32, "Images per step (per process under torchrun).", OPTIM,
         rule=Rule(lambda v: v >= 2, "must be at least 2 (batch normalisation needs two images per step)"),
@@ -204,6 +205,12 @@ class DistillConfig:
     teacher_probe: bool = option(
         True,
         "After training, fit a linear classifier on the frozen teacher's embeddings of the train split and report the student next to it (the reference for the transfer).",
+    )
+    tracking: str = option(
+        "none",
+        'Experiment tracking in the run folder: none | tensorboard (RUN/tensorboard/) | mlflow (a local store in RUN/mlflow/): '
+        'losses, learning rates, val metrics, the FPG mask, the config. Needs the tensorboard or mlflow extra of fopro (README: Experiment tracking).',
+        choices=TRACKERS,
     )
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
@@ -264,6 +271,7 @@ class DistillConfig:
         self.augment_config()
         self.groups()
         parse_window(self.dicom_window)
+        check_tracker(self.tracking)
         if self.probe_kd > 0 and self.method == "none":
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
         if self.unlabeled and self.method == "none":
@@ -292,6 +300,10 @@ DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv", "images", "image_column
 RETIRED_KEYS = {
     "reuse_teacher_forward": "was removed in fopro 0.3 (the student now always learns against the FPG step's teacher embedding)",
 }
+# Keys a config file may hold besides the options: how to run, not what (never in config.json). `resume: auto` is
+# `--resume auto` (see fopro.distill.auto_resume), so that one file serves a job's first start and every restart.
+RESUME_AUTO = "auto"
+RUN_KEYS = ("resume",)
 
 
 def flag(name: str) -> str:
@@ -329,7 +341,7 @@ def data_options_of(values: dict[str, Any]) -> DataOptions:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Keys and values of a YAML or TOML config file (safe loaders only: no object construction)."""
+    """Keys and values of a YAML or TOML config file (safe loaders only: no object construction): options, and `resume`."""
     path = Path(path)
     if not path.is_file():
         raise FoproError(f"--config {path} does not exist")
@@ -349,12 +361,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     retired = [k for k in normalised if k in RETIRED_KEYS]
     if retired:
         raise FoproError(f"--config {path}: {retired[0]} {RETIRED_KEYS[retired[0]]}: delete that line")
-    unknown = [k for k in normalised if k not in FIELDS or k == "extra"]
+    unknown = [k for k in normalised if (k not in FIELDS and k not in RUN_KEYS) or k == "extra"]
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, FIELDS, n=1)) else k for k in unknown]
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, [*FIELDS, *RUN_KEYS], n=1)) else k for k in unknown]
         raise FoproError(
             f"--config {path} has unknown key(s): {', '.join(hints)}; "
             "the keys are the options of `fopro distill --help` without the leading -- (e.g. epochs, batch_size, image_size)"
+        )
+    if normalised.get("resume") not in (None, RESUME_AUTO):
+        raise FoproError(
+            f"--config {path}: resume: {normalised['resume']!r} is not allowed: a config file can only say resume: auto "
+            "(to continue one run folder, pass --resume RUN on the command line)"
         )
     return normalised
 

@@ -8,17 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fopro.config import DistillConfig, absolute_paths, load_run_config, read_config_file, resolve_config
+from fopro.config import RESUME_AUTO, DistillConfig, absolute_paths, load_run_config, read_config_file, resolve_config
 from fopro import distributed
 from fopro.data.augment import KNOBS
-from fopro.defaults import DEMO_AUGMENT, DEMO_EPOCHS, embedded_default
+from fopro.defaults import DEMO_AUGMENT, DEMO_STUDENT, embedded_default
 from fopro.distributed import DistEnv
 from fopro.errors import FoproError
 from fopro.runtime import ProgressFn, no_progress
 from fopro.train import train
 
 DATA_KEYS = ("data", "train_csv", "val_csv", "test_csv")
-AUTO = "auto"  # --resume auto
 RESUME_OVERRIDES = ("device", "workers")  # where a resumed run may run; everything else comes from the run
 
 
@@ -33,10 +32,13 @@ def distill(
 
     Launched by torchrun, every process runs this; the process group lives for the call.
     """
-    if resume is not None and str(resume) == AUTO:
-        resume, overwrite = auto_resume(cli_values, read_config_file(config_file) if config_file else {})
-    file_values = read_config_file(config_file) if config_file and resume is None else {}
-    if resume is not None:
+    file_values = read_config_file(config_file) if config_file else {}
+    file_resume = file_values.pop("resume", None)
+    if resume is None:  # --resume on the command line wins over the file's `resume: auto`
+        resume = file_resume
+    if resume is not None and str(resume) == RESUME_AUTO:
+        resume, overwrite = auto_resume(cli_values, file_values)
+    if resume is not None:  # a resumed run keeps its saved options
         config = load_run_config(Path(resume))
         for key in RESUME_OVERRIDES:
             if key in cli_values:
@@ -67,8 +69,10 @@ def auto_resume(cli_values: dict[str, Any], file_values: dict[str, Any]) -> tupl
     run_dir = Path(out)
     if (run_dir / "resume.safetensors").is_file():
         return run_dir, False
-    if (run_dir / "last.safetensors").is_file():
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "last.safetensors").is_file() and metrics.is_file() and metrics.stat().st_size:
         raise FoproError(f"--resume auto: {run_dir} holds checkpoints but no resumable state: choose another --out")
+    # checkpoints without metrics.jsonl: killed between the first epoch's checkpoints and its state; nothing recorded
     return None, True
 
 
@@ -108,17 +112,20 @@ def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, pro
 
 
 def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progress: ProgressFn) -> tuple[DistillConfig, list[str]]:
-    """Synthetic target data and the cached demo teacher; a short schedule unless --epochs was given."""
+    """Synthetic target data and the shipped demo teacher; a short schedule and a small student unless
+    --epochs / --student were given."""
     default = embedded_default(progress)
     config.data = str(default.data_root)
     if config.method != "none":
         config.teacher = str(default.teacher_checkpoint)
     if "epochs" not in given:
-        config.epochs = DEMO_EPOCHS
+        config.epochs = default.epochs
+    if "student" not in given:
+        config.student = DEMO_STUDENT
     augment_given = any(key in given for key in ("augment", *KNOBS))
     if not augment_given:
         config.augment = DEMO_AUGMENT
     return config, default.notes + [
-        f"{config.epochs} epochs at {config.image_size} px on the synthetic data"
+        f"student {config.student}, {config.epochs} epoch(s) at {config.image_size} px on the synthetic data"
         + ("" if augment_given else f", --augment {DEMO_AUGMENT} (lesion-like images have no orientation)")
     ]

@@ -26,9 +26,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the file with another 0600 one:
+        # give the finished file the usual permissions
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)

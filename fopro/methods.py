@@ -21,6 +21,7 @@ from fopro.data.manifest import UNLABELED
 from fopro.losses import SupervisedLoss, balanced_softmax, cosine_distance, feature_mse
 from fopro.models.student import DistillHeads, features_and_logits
 from fopro.models.teacher import Teacher
+from fopro.models.weights import embedding_dim
 from fopro.preprocess import Preprocess
 
 Losses = dict[str, torch.Tensor]  # named parts of a step's losses, detached (0-d tensors)
@@ -104,7 +105,7 @@ class FeatureKD(Method):
             raise FoproError("--probe-kd needs the teacher probe (a linear classifier on the teacher's embeddings)")
         self.teacher = teacher
         self.probe = probe.requires_grad_(False).eval() if probe is not None else None
-        self.heads = DistillHeads(student.num_features, teacher.embed_dim, len(sup_loss.log_prior), second_head=self.second_head)
+        self.heads = DistillHeads(embedding_dim(student), teacher.embed_dim, len(sup_loss.log_prior), second_head=self.second_head)
 
     def student_parameters(self) -> list[nn.Parameter]:
         return super().student_parameters() + list(self.heads.parameters())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -229,6 +229,27 @@ def plot_probe(result: dict, path: Path) -> Path:
     return Path(path)
 
 
+MASK_COLOURS = "RdBu_r"  # FPG masks: red amplified, white unchanged (1), blue diminished
+
+
+def mask_norm(mask: np.ndarray, bounds: Sequence[float]) -> Any:
+    """The colour scale of an FPG mask: centred on 1, spanning its bounds [1 - eps, 1 + eps] (and its values)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    low, high = bounds
+    return TwoSlopeNorm(vcenter=1.0, vmin=min(low, float(mask.min()), 1 - 1e-6), vmax=max(high, float(mask.max()), 1 + 1e-6))
+
+
+def mask_rgb(mask: np.ndarray, bounds: Sequence[float], scale: int = 1) -> np.ndarray:
+    """A centred (H, W) FPG mask as an (H * scale, W * scale, 3) uint8 image in the colours of fpg_mask.png
+    (low frequencies in the middle, positive vertical frequencies up)."""
+    from matplotlib import colormaps
+
+    mask = np.asarray(mask, dtype=np.float64)
+    colours = colormaps[MASK_COLOURS](mask_norm(mask, bounds)(mask))[::-1, :, :3]
+    return np.round(colours * 255).astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def plot_fpg_mask(mask: np.ndarray, axis: np.ndarray, result: dict, path: Path, probe: dict | None = None) -> Path:
     """A learned FPG (an fpg.json dict): its mean mask over the centred spectrum and its radial profile.
 
@@ -236,19 +257,15 @@ def plot_fpg_mask(mask: np.ndarray, axis: np.ndarray, result: dict, path: Path, 
     columns as fractions of Nyquist. With ``probe`` (a probe.json dict), a third panel shows the probe's
     balanced-accuracy changes per band for comparison.
     """
-    from matplotlib.colors import TwoSlopeNorm
-
     mask = np.asarray(mask, dtype=np.float64)
     axis = np.asarray(axis, dtype=np.float64)
     plt = _pyplot()
     panels = 3 if probe is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.8 * panels, 5.2))
     try:
-        low, high = result["mask"]["bounds"]
-        vmin, vmax = min(low, float(mask.min()), 1 - 1e-6), max(high, float(mask.max()), 1 + 1e-6)
         step = float(axis[1] - axis[0]) if len(axis) > 1 else 1.0
         extent = (axis[0] - step / 2, axis[-1] + step / 2, axis[0] - step / 2, axis[-1] + step / 2)
-        image = axes[0].imshow(mask, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=vmin, vmax=vmax),
+        image = axes[0].imshow(mask, cmap=MASK_COLOURS, norm=mask_norm(mask, result["mask"]["bounds"]),
                                extent=extent, origin="lower", interpolation="nearest")
         fig.colorbar(image, ax=axes[0], fraction=0.046, pad=0.04).set_label("amplitude gain (>1 amplified, <1 diminished)")
         axes[0].set_xlabel("horizontal frequency (fraction of Nyquist)")

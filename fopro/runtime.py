@@ -16,6 +16,16 @@ def no_progress(description: str, done: int, total: int) -> None:
     return None
 
 
+PHASE_SEPARATOR = " · "
+
+
+def in_phase(progress: ProgressFn, phase: str) -> ProgressFn:
+    """`progress` with every description labelled by its phase: "student: fopro distillation · epoch 2/6"."""
+    if progress is no_progress:
+        return no_progress
+    return lambda description, done, total: progress(f"{phase}{PHASE_SEPARATOR}{description}", done, total)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -40,9 +40,10 @@ from fopro.models import Teacher, create_student, load_teacher
 from fopro.operating_points import fit_operating_points
 from fopro.preprocess import Preprocess
 from fopro.probe.file import band_gains_from_probe
-from fopro.runtime import ProgressFn, no_progress, resolve_device
+from fopro.runtime import ProgressFn, in_phase, no_progress, resolve_device
 from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor, set_step_schedule, step_seed, unlabeled_batches
 from fopro.state import load_state, save_state
+from fopro.tracking import NoTracker, Tracker, learning_rates, make_tracker
 
 RUN_MARKERS = ("config.json", "last.safetensors", "resume.safetensors")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -84,6 +85,7 @@ class Run:
     best_score: float = -math.inf
     epoch: int = 0
     step: int = 0
+    tracker: Tracker = field(default_factory=NoTracker)  # --tracking (rank 0; records nothing elsewhere)
 
 
 def check_run_dir(run_dir: Path, overwrite: bool, data_folders: tuple[str | None, ...] = ()) -> None:
@@ -108,7 +110,8 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     empty = [name for name, count in zip(splits.classes, train_counts) if count == 0]
     if empty:
         raise FoproError(f"class(es) {', '.join(empty)} have no training image: add images or drop the class")
-    progress("checking images", 0, 1)
+    data_progress = in_phase(progress, "data")
+    data_progress("checking images", 0, 1)
     train_set = checked_dataset(
         train_manifest, config.image_size, data.skip_bad_images, train=True, seed=config.seed, augment_config=augmentation
     )
@@ -118,7 +121,7 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     else:
         notes.append("no val split: best.safetensors is the last epoch (no model selection)")
     unlabeled_set = unlabeled_dataset(config, augmentation, notes)
-    progress("checking images", 1, 1)
+    data_progress("checking images", 1, 1)
     torch.manual_seed(config.seed)
     student, student_preprocess = create_student(config.student_options(), len(splits.classes))
     teacher = None
@@ -130,7 +133,7 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     fpg = build_fpg(config) if config.method == "fopro" else None
     probe = None
     if teacher is not None and config.probe_kd > 0:  # (for the report alone it is fitted at the end: see finish)
-        probe = fit_teacher_probe(teacher, train_set, train_counts, linear_probe.run_options(train_set, config.seed), device, progress)
+        probe = fit_teacher_probe(teacher, train_set, train_counts, linear_probe.run_options(train_set, config.seed), device, in_phase(progress, "teacher probe"))
     sup_loss = SupervisedLoss(config.loss, train_counts)
     method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg, probe).to(device)
     method.sync_gradients = lambda parameters: average_gradients(parameters, env)
@@ -238,10 +241,13 @@ def train(
     overwrite: bool = False,
     progress: ProgressFn = no_progress,
     env: DistEnv = SINGLE,
+    phase: str | None = None,
 ) -> dict:
     """Train (or resume) a run; returns a summary with the best validation metrics and the test report.
 
     Under torchrun every process calls this with its DistEnv; only rank 0 writes files and reports progress.
+    Progress is reported in labelled phases (data, the training phase `phase`, teacher probe, calibration, test
+    evaluation); `phase` defaults to "student: <method> distillation".
     """
     run_dir = Path(run_dir)
     if not env.is_main:
@@ -256,14 +262,21 @@ def train(
         elif env.is_main:
             save_config(config, run_dir / "config.json")
         scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda" and config.amp == "fp16")
-        with interrupt_flag() as flag:
-            while run.epoch < config.epochs:
-                train_epoch(run, scaler, flag, progress)
-                end_epoch(run, progress)
-        return finish(run, progress)
+        training = in_phase(progress, phase or training_phase(config.method))
+        with start_tracking(run, resume) as run.tracker:
+            with interrupt_flag() as flag:
+                while run.epoch < config.epochs:
+                    train_epoch(run, scaler, flag, training)
+                    end_epoch(run, progress)
+            return finish(run, progress)
+
+
+def training_phase(method: str) -> str:
+    return "student: supervised training (no teacher)" if method == "none" else f"student: {method} distillation"
 
 
 def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], progress: ProgressFn) -> None:
+    """One epoch; progress rows: the epoch (losses, last val balanced accuracy, rate) and all epochs together."""
     config, method = run.config, run.method
     run.train_set.set_epoch(run.epoch)
     batches = local_batches(run)
@@ -275,6 +288,10 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
         run.running = {}
     running = run.running
     started, seen, info = time.perf_counter(), 0, ""
+    all_epochs = "the only epoch" if config.epochs == 1 else f"all {config.epochs} epochs"
+    total_steps_done = run.epoch * len(batches) + run.step
+    progress(all_epochs, total_steps_done, total_steps)
+    progress(f"epoch {run.epoch + 1}/{config.epochs}", run.step, len(batches))
     for images, labels in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
         global_step = run.epoch * len(batches) + run.step
@@ -294,8 +311,10 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
             running[key] = 0.9 * running.get(key, value) + 0.1 * value
         if run.step % LOG_EVERY == 0 or run.step == len(batches) or stop or not info:
             run.running = running = as_numbers(running)  # one synchronisation per logging interval
-            info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_"))
+            run.tracker.log_losses(global_step + 1, running, learning_rates(optimizers_of(run)))
+            info = " ".join(f"{k} {v:.3f}" for k, v in running.items() if not k.startswith("fpg_")) + last_val_text(run)
         rate = seen / max(time.perf_counter() - started, 1e-9)
+        progress(all_epochs, global_step + 1, total_steps)
         progress(f"epoch {run.epoch + 1}/{config.epochs} [{info}, {rate:.0f} img/s]", run.step, len(batches))
         if stop:
             if run.env.is_main:
@@ -303,6 +322,12 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
             barrier(run.env)
             raise TrainingInterrupted(run.run_dir, run.epoch, run.step, flag["signal"])
     run.history.append({"epoch": run.epoch + 1, "train": {k: round(v, 6) for k, v in running.items()}, "images_per_second": round(seen / max(time.perf_counter() - started, 1e-9), 2)})
+
+
+def last_val_text(run: Run) -> str:
+    val = run.history[-1].get("val", {}) if run.history else {}
+    score = val.get("balanced_accuracy")
+    return "" if score is None else f", last val bal. acc. {100 * score:.1f}%"
 
 
 def as_numbers(values: dict[str, Any]) -> dict[str, float]:
@@ -355,6 +380,22 @@ def local_batches(run: Run) -> list[list[int]]:
     return [batch[env.rank * size : (env.rank + 1) * size] for batch in epoch_batches(order, size * env.world_size)]
 
 
+def steps_done(run: Run) -> int:
+    """Optimisation steps done so far, over all epochs (the x axis of the tracked curves)."""
+    return run.epoch * len(local_batches(run)) + run.step
+
+
+def optimizers_of(run: Run) -> dict[str, torch.optim.Optimizer]:
+    return {"student": run.optimizer, **run.method.extra_optimizers()}
+
+
+def start_tracking(run: Run, resume: bool) -> Tracker:
+    """The --tracking tracker (rank 0 only); a resumed run continues its tracking run from the resumed step."""
+    if not run.env.is_main:
+        return NoTracker()
+    return make_tracker(run.config.tracking, run.run_dir, run.config.to_dict(), steps_done(run) if resume else None)
+
+
 def with_unlabeled(run: Run, loader: torch.utils.data.DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) per step: the labelled batch, followed by its unlabelled images (label UNLABELED) if any."""
     if run.unlabeled_set is None:
@@ -372,8 +413,16 @@ def make_loader(run: Run, dataset: ImageDataset, batches: list[list[int]]) -> to
     if workers is None:
         workers = 0 if dataset.cached else min(8, max(1, (torch.get_num_threads() or 2) - 1))
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda", persistent_workers=False
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=run.device.type == "cuda", persistent_workers=False,
+        worker_init_fn=leave_stop_signals_to_the_main_process,
     )
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGINT / SIGTERM / SIGUSR1: a scheduler signals the whole process group, and a worker
+    killed by it would end the run before the main process saves its resumable state (it stops the workers itself)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def is_finite(loss: torch.Tensor, parts: dict[str, Any]) -> bool:
@@ -402,6 +451,7 @@ def validate(run: Run) -> dict[str, Any]:
     keys = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "macro_auc", "ece")
     summary = {k: report[k] for k in keys}
     summary["group_recall"] = {k: v["mean_recall"] for k, v in (report["groups"] or {}).items()}
+    summary["class_recall"] = {c["name"]: c["recall"] for c in report["per_class"]}
     return summary
 
 
@@ -433,6 +483,7 @@ def write_epoch(run: Run) -> None:
     fpg = getattr(run.method, "fpg", None)
     if fpg is not None:
         save_fpg(run, fpg)
+    run.tracker.log_epoch(steps_done(run), record, fpg, run.val_set if run.val_set is not None else run.train_set)
 
 
 def save_fpg(run: Run, fpg: FourierPromptGenerator) -> None:
@@ -462,7 +513,7 @@ def checkpoint_meta(run: Run, val: dict[str, Any]) -> CheckpointMeta:
 def capture(run: Run) -> dict[str, Any]:
     """The resumable state: modules, optimisers, position, selection and history."""
     modules = {name: module.state_dict() for name, module in run.method.trainable_state().items()}
-    optimizers = {"student": run.optimizer.state_dict(), **{k: o.state_dict() for k, o in run.method.extra_optimizers().items()}}
+    optimizers = {name: optimizer.state_dict() for name, optimizer in optimizers_of(run).items()}
     return {
         "modules": modules,
         "optimizers": optimizers,
@@ -514,15 +565,16 @@ def finish(run: Run, progress: ProgressFn) -> dict:
         "notes": run.notes,
     }
     if run.teacher is not None and run.config.teacher_probe and run.env.is_main:
-        summary["teacher_probe"] = run_teacher_probe(run, progress)
+        summary["teacher_probe"] = run_teacher_probe(run, in_phase(progress, "teacher probe"))
     if run.val_set is not None and run.env.is_main:
-        summary["calibration"] = calibrate_best(run, progress)
+        summary["calibration"] = calibrate_best(run, in_phase(progress, "calibration on val"))
     if "test" in run.splits and run.env.is_main:
         options = EvalOptions(split="test", batch_size=max(64, run.config.batch_size), device=str(run.device), groups=run.config.groups())
-        summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=progress)
+        summary["test"] = evaluate(run.run_dir / "best", run.config.data_options(), options, out_dir=run.run_dir / "test", progress=in_phase(progress, "test evaluation"))
     probe = summary.get("teacher_probe")
     if probe and "test" in summary and "test" in probe["splits"]:
         summary["transfer"] = linear_probe.transfer_ratios(summary["test"], probe["splits"]["test"])
+    run.tracker.log_checkpoint(run.run_dir / "best")
     return summary
 
 

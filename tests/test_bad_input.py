@@ -31,7 +31,7 @@ from helpers import make_image_folder, tiny_checkpoint, truncate, write_csv
 
 CLASSES = ["a", "b", "c"]
 COUNTS = {"train": {"a": 2, "b": 3, "c": 4}, "val": {"a": 1, "b": 1, "c": 1}, "test": {"a": 2, "b": 2, "c": 2}}
-PROGRESS_LINE = re.compile(r"^.+: \d+/\d+ (done|so far)$")  # what progress_bar logs on stderr when it is not a terminal
+PROGRESS_LINE = re.compile(r"^.+: \d+/\d+ (done in \d+:\d\d:\d\d|so far, .+ elapsed.*)$")  # progress_bar's lines without a terminal
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

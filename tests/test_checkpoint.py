@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,12 @@ def test_unknown_architecture_in_json(checkpoint) -> None:
     with pytest.raises(FoproError) as info:
         build_model(weights)
     _one_line(info, str(meta_path), "no_such_model_xyz is not a timm model")
+
+
+def test_checkpoint_files_get_the_usual_permissions(checkpoint) -> None:
+    """Readable by the group and others under the usual umask (a colleague evaluates the run), though mkstemp and
+    safetensors make 0600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in sidecar(checkpoint[0]):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

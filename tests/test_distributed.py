@@ -19,12 +19,20 @@ from fopro.schedule import epoch_batches, epoch_order
 
 
 
-def _distill(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+def _command(args: list[str], out: Path, processes: int, *launcher_options: str) -> list[str]:
+    """`fopro distill ARGS --out OUT` on the CPU, under torchrun (with `launcher_options`) when processes > 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *launcher_options] if processes > 1 else [sys.executable]
+    return launcher + ["-m", "fopro", "distill", *args, "--out", str(out), "--device", "cpu", "--workers", "0"]
+
+
+def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    command = launcher + ["-m", "fopro", "distill", *args, "--out", str(out), "--device", "cpu", "--workers", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    return env
+
+
+def _distill(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(args, out, processes), capture_output=True, text=True, env=_env(), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -67,7 +68,27 @@ def test_without_a_terminal_long_work_prints_a_line_now_and_then(monkeypatch, ca
         progress("decoding", 1, 3)
         progress("decoding", 3, 3)
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["decoding: 1/3 so far", "decoding: 3/3 done"]
+    assert len(lines) == 2
+    assert re.fullmatch(r"decoding: 1/3 so far, 0:00:0\d elapsed, about 0:00:0\d left", lines[0]), lines[0]
+    assert re.fullmatch(r"decoding: 3/3 done in 0:00:0\d", lines[1]), lines[1]
+
+
+def test_plain_progress_lines_time_each_task_from_its_own_start(monkeypatch, capsys) -> None:
+    """A task's elapsed time starts at its first report (the student's epoch 1 does not inherit the teacher's)."""
+    import fopro.cli.common as common
+
+    clock = iter([0.0, 100.0, 400.0, 400.0, 430.0])
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    log = common.plain_progress_lines()
+    log("teacher · epoch 1/6", 0, 10)
+    log("teacher · epoch 1/6", 10, 10)
+    log("student · epoch 1/6 [sup 1.000, 9 img/s]", 0, 4)
+    log("student · epoch 1/6 [sup 0.900, 9 img/s]", 1, 4)  # not yet 30 s: no line
+    log("student · epoch 1/6 [sup 0.800, 9 img/s]", 2, 4)
+    assert capsys.readouterr().err.splitlines() == [
+        "teacher · epoch 1/6: 10/10 done in 0:01:40",
+        "student · epoch 1/6 [sup 0.800, 9 img/s]: 2/4 so far, 0:00:30 elapsed, about 0:00:30 left",
+    ]
 
 
 def test_control_characters_never_reach_the_terminal() -> None:

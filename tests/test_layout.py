@@ -12,9 +12,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fopro"
 # function-level imports allowed: matplotlib (its backend is picked on the first plot, never at import), a
-# private torch constant that may move between versions (guarded by ImportError), and the optional pydicom
+# private torch constant that may move between versions (guarded by ImportError), the optional pydicom, and the
+# optional trackers of --tracking (fopro[tensorboard], fopro[mlflow])
 ALLOWED_LOCAL_IMPORTS = {("plots", "matplotlib"), ("plots", "matplotlib.pyplot"), ("plots", "matplotlib.colors"),
-                         ("export", "torch.onnx._constants"), ("data.dicom", "pydicom")}
+                         ("export", "torch.onnx._constants"), ("data.dicom", "pydicom"),
+                         ("tracking", "torch.utils.tensorboard"), ("tracking", "mlflow"), ("tracking", "mlflow.entities")}
 
 
 def module_name(path: Path) -> str:

@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from fopro.errors import FoproError
+from fopro.losses import SupervisedLoss
+from fopro.methods import MethodConfig, build_method
 from fopro.models import StudentOptions, Teacher, TeacherOptions, create_student, features_and_logits, load_teacher
 from fopro.models.teacher import teacher_image_size
+from fopro.preprocess import Preprocess
 from fopro.models.weights import load_weights, read_state_dict, strip_wrappers
 from helpers import one_line as _one_line, tiny_checkpoint
 
@@ -426,3 +429,17 @@ def test_extra_batchnorm_counters_are_not_an_error() -> None:
     load_weights(target, state_dict, "source", keep_classifier=True)
     x = _images()
     assert torch.allclose(_pooled(target, x), _pooled(source, x), atol=1e-6)
+
+
+def test_models_whose_head_widens_the_pooled_features_distil() -> None:
+    """MobileNetV3 has a layer after pooling (conv_head, 288 -> 1024 here): the teacher's embedding and the
+    projector's input are that layer's width (timm's head_hidden_size), not num_features."""
+    torch.manual_seed(0)
+    source = _source("mobilenetv3_small_050", num_classes=0)
+    teacher = Teacher(source, Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3), "mobilenetv3_small_050")
+    assert teacher.embed_dim == source(torch.rand(2, 3, SIZE, SIZE)).shape[1] == 1024 != source.num_features
+    student, preprocess = create_student(StudentOptions("mobilenetv3_small_050", image_size=SIZE), 3)
+    method = build_method(MethodConfig(name="ekd"), student, preprocess, SupervisedLoss("balanced_softmax", [8, 4, 2]), teacher, None)
+    method.train()
+    loss, parts = method.step(torch.rand(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 0]), 0)
+    assert torch.isfinite(loss) and set(parts) >= {"sup", "kd"}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,10 +21,10 @@ from typer.testing import CliRunner
 from fopro.cli import app
 from fopro.config import load_run_config, resolve_config
 from fopro.data.synth import SynthConfig, generate_synth
-from fopro.distill import distill
+from fopro.distill import auto_resume, distill
 from fopro.errors import FoproError
 from fopro.state import load_state
-from fopro.train import TrainingInterrupted, check_run_dir, train
+from fopro.train import STOP_SIGNALS, TrainingInterrupted, check_run_dir, make_loader, train
 
 from conftest import tiny_distill_values, torch_threads
 
@@ -66,7 +67,7 @@ def _sigint_at(epoch: int, step: int, signum: signal.Signals = signal.SIGINT):
     fired = {"done": False}
 
     def progress(description: str, done: int, total: int) -> None:
-        if not fired["done"] and description.startswith(f"epoch {epoch}/") and done == step:
+        if not fired["done"] and f"epoch {epoch}/" in description and done == step:
             fired["done"] = True
             signal.raise_signal(signum)
 
@@ -284,3 +285,35 @@ def test_eval_of_a_run_folder_uses_its_best_checkpoint_and_its_data(fopro_two_ep
     report = evaluate(straight, DataOptions(), EvalOptions(device="cpu", bootstrap=0))
     assert Path(report["model"]) == straight / "best.safetensors"
     assert report["data"] == load_run_config(straight).data_options().describe()
+
+
+def test_resume_auto_starts_over_a_first_epoch_killed_before_its_state_and_refuses_recorded_work(tmp_path):
+    """A kill between the first epoch's checkpoints and its resumable state leaves checkpoints and nothing recorded:
+    the same command starts the run again. A folder with recorded epochs but no state is refused."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.safetensors").write_bytes(b"x")
+    assert auto_resume({"out": str(run_dir)}, {}) == (None, True)
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(FoproError, match="holds checkpoints but no resumable state"):
+        auto_resume({"out": str(run_dir)}, {})
+
+
+class _SignalsItsOwnProcess(torch.utils.data.Dataset):
+    """Each item sends SIGINT, SIGTERM and SIGUSR1 to the process that loads it (a loader worker)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        for sig in STOP_SIGNALS:
+            os.kill(os.getpid(), sig)
+        return torch.tensor(index)
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    """A scheduler signals the whole process group: the loader workers must survive it, so that the main process
+    can save its state (a worker killed by SIGTERM would end the run with nothing saved)."""
+    run = SimpleNamespace(config=SimpleNamespace(workers=1), device=torch.device("cpu"))
+    loader = make_loader(run, _SignalsItsOwnProcess(), [[0, 1], [2, 3]])
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]

@@ -80,17 +80,7 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
         yield lambda description, done, total: None
         return
     if not err_console.is_terminal:
-        # no terminal (a log file, CI): one plain line each time a task completes, and one every LOG_SECONDS
-        last_line = {"at": time.monotonic()}
-
-        def log_line(description: str, done: int, total: int) -> None:
-            now = time.monotonic()
-            if done == total or now - last_line["at"] >= LOG_SECONDS:
-                last_line["at"] = now
-                state = "done" if done == total else "so far"
-                err_console.print(f"{description}: {done}/{total} {state}", highlight=False, soft_wrap=True)
-
-        yield log_line
+        yield plain_progress_lines()
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -104,12 +94,45 @@ def progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
         tasks: dict[str, Any] = {}
 
         def update(description: str, done: int, total: int, info: str = "") -> None:
-            key = description.split(" [")[0]
+            key = task_key(description)
             if key not in tasks:
                 tasks[key] = bar.add_task(description, total=total, info=info)
             bar.update(tasks[key], completed=done, total=total, description=description, info=info)
 
         yield update
+
+
+def task_key(description: str) -> str:
+    """One progress row per task: the description without its changing " [...]" details."""
+    return description.split(" [")[0]
+
+
+def plain_progress_lines() -> ProgressFn:
+    """Without a terminal (a log file, CI): one line per task when it completes and every LOG_SECONDS while it runs,
+    with the task's own elapsed time and an estimate of the time left."""
+    started: dict[str, float] = {}
+    printed: dict[str, float] = {}
+
+    def log_line(description: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        key = task_key(description)
+        start = started.setdefault(key, now)
+        if done != total and now - printed.setdefault(key, now) < LOG_SECONDS:
+            return
+        printed[key] = now
+        elapsed = now - start
+        if done == total:
+            timing = f"done in {clock(elapsed)}"
+        else:
+            timing = f"so far, {clock(elapsed)} elapsed" + (f", about {clock(elapsed / done * (total - done))} left" if done else "")
+        err_console.print(f"{description}: {done}/{total} {timing}", highlight=False, soft_wrap=True, markup=False)
+
+    return log_line
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 # --- options from the DistillConfig schema: distill's, and the data options every command shares -----

@@ -1,4 +1,4 @@
-"""`fopro data info` and `fopro data synth`."""
+"""`fopro data info`, `split`, `synth` and `prepare`."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from rich.table import Table
 from fopro.cli.common import cli_errors, console, print_json, progress_bar, with_data_options, with_group_options
 from fopro.cli.render import GROUP_STYLE
 from fopro.data import DataOptions
+from fopro.data.prepare import DEFAULT_IMAGE_SIZE, PrepareOptions, prepare_cache
 from fopro.data.split import SplitOptions, split_dataset
 from fopro.data.summary import data_info
 from fopro.data.synth import SynthConfig, generate_synth
 from fopro.metrics import LongTailGroups
 
-app = typer.Typer(help="Inspect datasets and generate the embedded synthetic one.", no_args_is_help=True)
+app = typer.Typer(help="Inspect datasets, split them, generate the embedded synthetic one, prepare an image cache.", no_args_is_help=True)
 
 
 @app.command("info")
@@ -149,3 +150,30 @@ def synth_cli(
     if unlabeled:
         pool = out / "target" / summary["target"]["unlabeled"]["folder"]
         console.print(f"  unlabeled: {pool}  ({unlabeled} images, no labels)")
+
+
+@app.command("prepare")
+@cli_errors
+@with_data_options
+def prepare_cli(
+    data_options: DataOptions,
+    out: Annotated[Path, typer.Option(help="New folder for the image cache; then run any command with --data OUT.")],
+    image_size: Annotated[int, typer.Option(help="Side of the square images the runs use: distill's --image-size, or the model's input size for eval.")] = DEFAULT_IMAGE_SIZE,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: every core this process may use).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an image cache already in OUT.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Decode and resize every image once, as training does, into an image cache that --data reads (same pixels, same metrics)."""
+    options = PrepareOptions(image_size=image_size, workers=workers, overwrite=overwrite)
+    with progress_bar(not json_output) as progress:
+        summary = prepare_cache(data_options, out, options, progress)
+    if json_output:
+        print_json(summary)
+        return
+    counts = ", ".join(f"{split} {entry['images']}" for split, entry in summary["splits"].items())
+    console.print(f"[green]wrote[/green] an image cache of {summary['images']} images ({counts}) at {image_size} px, "
+                  f"{summary['bytes'] / 1e6:.1f} MB, to [bold]{escape(str(out))}[/] in {summary['seconds']:.1f} s "
+                  f"({summary['images_per_second']} images/s, {summary['workers']} workers)")
+    for note in summary["notes"]:
+        console.print(f"[yellow]{escape(note)}[/]")
+    console.print(f"  use it: fopro distill --data {escape(str(out))} --image-size {image_size} ...")

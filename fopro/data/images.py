@@ -83,7 +83,11 @@ def decode_rgb(path: Path, size: int, decode: DecodeOptions = DecodeOptions()) -
 
 def load_image(path: Path, size: int, decode: DecodeOptions = DecodeOptions()) -> torch.Tensor:
     """Decode `path` to a uint8 tensor 3 x size x size (square resize, antialiased)."""
-    array = decode_rgb(path, size, decode)
+    return square_resize(decode_rgb(path, size, decode), size)
+
+
+def square_resize(array: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 H x W x 3 -> uint8 tensor 3 x size x size (bilinear, antialiased), the loader's resize."""
     array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # PIL's buffer is read-only: torch warns and sharing it is undefined
         array = array.copy()
@@ -135,6 +139,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self.augment_config = augment_config or PRESETS[DEFAULT_PRESET]
+        if manifest.prepared is not None:
+            manifest.prepared.check_size(image_size)
         if cache is None:
             cache = len(manifest) * 3 * image_size * image_size <= CACHE_LIMIT_BYTES
         self._cache: list[torch.Tensor | None] | None = [None] * len(manifest) if cache else None
@@ -151,11 +157,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def raw(self, index: int) -> torch.Tensor:
         if self._cache is None:
-            return load_image(self.manifest.paths[index], self.image_size, self.manifest.decode)
+            return self._decoded(index)
         cached = self._cache[index]
         if cached is None:
-            cached = self._cache[index] = load_image(self.manifest.paths[index], self.image_size, self.manifest.decode)
+            cached = self._cache[index] = self._decoded(index)
         return cached
+
+    def _decoded(self, index: int) -> torch.Tensor:
+        if self.manifest.prepared is not None:  # a prepared cache holds what load_image makes of the file
+            return self.manifest.prepared.image(index)
+        return load_image(self.manifest.paths[index], self.image_size, self.manifest.decode)
 
     def scan(self) -> dict[int, str]:
         """The images that cannot be read: {index: why}.
@@ -167,7 +178,8 @@ class ImageDataset(torch.utils.data.Dataset):
         for index in range(len(self)):
             try:
                 if self._cache is None:
-                    verify_image(self.manifest.paths[index], self.manifest.decode)
+                    if self.manifest.prepared is None:  # a prepared cache holds only images that decoded
+                        verify_image(self.manifest.paths[index], self.manifest.decode)
                 else:
                     self.raw(index)
             except BadImageError as err:
@@ -204,6 +216,22 @@ def checked_dataset(
     bad = dataset.scan()
     if not bad:
         return dataset
+    check_unreadable(manifest, bad, skip_bad_images)
+    bad_set = set(bad)
+    dataset.keep([i for i in range(len(manifest)) if i not in bad_set])
+    dataset.manifest.notes.append(skipped_note(manifest, len(bad)))
+    return dataset
+
+
+def skipped_note(manifest: Manifest, count: int) -> str:
+    return f"skipped {count} unreadable image(s) of the {manifest.split} split (--skip-bad-images)"
+
+
+def check_unreadable(manifest: Manifest, bad: dict[int, str], skip_bad_images: bool) -> None:
+    """Fail on the unreadable images `bad` ({index: why}) of `manifest`, listing a few, unless they are to be
+    skipped and some image is left."""
+    if not bad:
+        return
     paths = [str(manifest.paths[i]) for i in bad]
     first = next(iter(bad.values()))
     if skip_bad_images and len(bad) == len(manifest):
@@ -216,7 +244,3 @@ def checked_dataset(
             f"{len(bad)} image(s) of the {manifest.split} split cannot be read, e.g. {', '.join(paths[:MAX_LISTED])} "
             f"(the first: {first}): replace them, or pass --skip-bad-images to leave them out"
         )
-    bad_set = set(bad)
-    dataset.keep([i for i in range(len(manifest)) if i not in bad_set])
-    dataset.manifest.notes.append(f"skipped {len(bad)} unreadable image(s) of the {manifest.split} split (--skip-bad-images)")
-    return dataset

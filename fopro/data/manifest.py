@@ -6,6 +6,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,6 +24,18 @@ class DecodeOptions:
 
     max_pixels: int = MAX_IMAGE_PIXELS  # images with more pixels count as unreadable
     dicom_window: tuple[float, float] | None = None  # (center, width) for every DICOM image; None: the file's, else min-max
+
+
+class PreparedImages(Protocol):
+    """Images decoded ahead of time (fopro.data.cache.CachedImages): `image(i)` is image i as uint8 3 x S x S."""
+
+    image_size: int
+
+    def subset(self, indices: list[int]) -> PreparedImages: ...
+
+    def image(self, index: int) -> Any: ...
+
+    def check_size(self, image_size: int) -> None: ...
 
 
 def has_control_characters(text: str) -> bool:
@@ -48,6 +61,7 @@ class Manifest:
     source: str = ""
     notes: list[str] = field(default_factory=list)
     decode: DecodeOptions = DecodeOptions()
+    prepared: PreparedImages | None = None  # set when the data is a prepared cache (fopro data prepare)
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.labels):
@@ -76,6 +90,7 @@ class Manifest:
             source=self.source,
             notes=list(self.notes),
             decode=self.decode,
+            prepared=None if self.prepared is None else self.prepared.subset(indices),
         )
 
     def image_ids(self) -> list[str]:

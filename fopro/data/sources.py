@@ -6,6 +6,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fopro.data.cache import is_cache, read_index
 from fopro.data.dicom import has_dicom_preamble
 from fopro.data.longtail import check_imbalance, longtail_indices
 from fopro.data.manifest import DecodeOptions, Manifest, check_class_names
@@ -86,7 +87,12 @@ def load_splits(
     model_classes = classes is not None
     classes = classes or options.classes
     default_classes = None
-    if options.data is not None:
+    cache = read_index(Path(options.data)) if is_cache(options.data) else None
+    if cache is not None:  # a prepared cache (fopro data prepare): its images are decoded already
+        cache.check_decode(options.decode)
+        raw = cache.rows(splits)
+        default_classes = cache.classes
+    elif options.data is not None:
         raw = _read_image_folder(Path(options.data), splits)
     else:
         raw, isic = _read_csvs(options, splits, classes)
@@ -98,6 +104,10 @@ def load_splits(
     check_class_names(class_list, options.describe())
     origin = "the classes of the model" if model_classes else "the classes"
     manifests = {split: _to_manifest(split, rows, class_list, source, origin) for split, (rows, source) in raw.items()}
+    if cache is not None:
+        for split, manifest in manifests.items():
+            manifest.prepared = cache.images(split)
+            manifest.notes.extend(cache.splits[split].notes)
     if options.imbalance is not None and "train" in manifests:
         manifests["train"] = subsample_longtail(manifests["train"], options.imbalance, options.seed)
     for manifest in manifests.values():

@@ -12,7 +12,16 @@ from torch import nn
 from fopro.checkpoint import sidecar
 from fopro.errors import FoproError
 from fopro.preprocess import Preprocess
-from fopro.models.weights import build_model, check_input_size, create_timm_model, load_weights, patch_size, read_state_dict, strip_wrappers
+from fopro.models.weights import (
+    build_model,
+    check_input_size,
+    create_timm_model,
+    embedding_dim,
+    load_weights,
+    patch_size,
+    read_state_dict,
+    strip_wrappers,
+)
 
 
 @dataclass
@@ -36,7 +45,7 @@ class Teacher(nn.Module):
         self.model = model
         self.preprocess = preprocess
         self.description = description
-        self.embed_dim = int(model.num_features)
+        self.embed_dim = embedding_dim(model)
         self.model.requires_grad_(False)
         self.model.eval()
 

@@ -164,6 +164,12 @@ def create_timm_model(name: str, num_classes: int, image_size: int | None, optio
         raise FoproError(f"cannot build {option} {name}: {first_line(err)}") from err
 
 
+def embedding_dim(model: nn.Module) -> int:
+    """Width of the pooled pre-logits features: timm's head_hidden_size, which differs from num_features when the
+    head has its own layer after pooling (MobileNetV3's conv_head: 576 -> 1024)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def patch_size(model: nn.Module) -> int | None:
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "patch_size", None)

@@ -211,7 +211,10 @@ def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[i
 
 
 def native_image_size(manifest: Manifest) -> int:
-    """The shorter side of the split's first readable image, within [16, 224] (the default probe size)."""
+    """The shorter side of the split's first readable image, within [16, 224] (the default probe size); a prepared
+    cache's image size."""
+    if manifest.prepared is not None:
+        return manifest.prepared.image_size
     for path in manifest.paths[:5]:
         try:
             with Image.open(path) as image:
