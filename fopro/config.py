@@ -24,7 +24,7 @@ from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESET_HELP, PRESETS, Augm
 from fopro.errors import FoproError
 from fopro.fpg import FPG_MODES
 from fopro.io import write_json
-from fopro.losses import check_loss
+from fopro.losses import ALIGN_WEIGHTS, check_loss
 from fopro.methods import METHODS, MethodConfig
 from fopro.metrics import LongTailGroups
 from fopro.models import StudentOptions, TeacherOptions
@@ -154,6 +154,12 @@ class DistillConfig:
     )
     loss: str = option("balanced_softmax", "Supervised loss: balanced_softmax (logit-adjusted for the training class counts) | ce.", METHOD)
     ekd_weight: float = option(3.0, "lambda: weight of the student-teacher alignment term.", METHOD, rule=NOT_NEGATIVE)
+    align_weights: str = option(
+        "none",
+        "none | balanced: weight each image's alignment term by 1 / (C p_y), so that every class counts equally (the authors' balanced_free idea; unlabelled images weigh 1).",
+        METHOD,
+        choices=ALIGN_WEIGHTS,
+    )
     adv_weight: float = option(
         1.0, "alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", FPG,
         rule=Rule(lambda v: v >= 0, "must not be negative (0 turns AKD off)"),
@@ -249,6 +255,7 @@ class DistillConfig:
             fpg_lr=self.fpg_lr,
             prompt_fraction=self.prompt_fraction,
             probe_kd=self.probe_kd,
+            align_weights=self.align_weights,
         )
 
     def learning_rate(self, world_size: int = 1) -> float:

@@ -26,13 +26,32 @@ def balanced_softmax(logits: torch.Tensor, labels: torch.Tensor, log_prior: torc
     return F.cross_entropy(logits + log_prior.to(logits.device, logits.dtype), labels, ignore_index=UNLABELED)
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean(2 - 2 cos(a, b)): the EKD alignment term (0 when aligned, 4 when opposite)."""
-    return (2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=1)).mean()
+def cosine_distance(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(2 - 2 cos(a, b)): the EKD alignment term (0 when aligned, 4 when opposite); with per-image `weights`,
+    the weighted mean sum(w d) / sum(w)."""
+    return weighted_mean(2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=1), weights)
 
 
-def feature_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(a.float(), b.float())
+def feature_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference; with per-image `weights`, each image's mean weighted as in cosine_distance."""
+    return weighted_mean((a.float() - b.float()).pow(2).mean(dim=1), weights)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return values.mean() if weights is None else (weights * values).sum() / weights.sum()
+
+
+ALIGN_WEIGHTS = ("none", "balanced")
+
+
+def class_balanced_weights(log_prior: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-image weight 1 / (C p_y) of the alignment term (the authors' `balanced_free` idea: a rare class's images
+    count as much as a frequent class's); 1 over the training distribution on average, and 1 for unlabelled images."""
+    class_weights = 1.0 / (len(log_prior) * log_prior.exp())
+    weights = torch.ones(len(labels), dtype=class_weights.dtype, device=labels.device)
+    labelled = labels != UNLABELED
+    weights[labelled] = class_weights[labels[labelled]]
+    return weights
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from fopro.errors import FoproError
 from fopro.fpg import FourierPromptGenerator
 from fopro.data.manifest import UNLABELED
-from fopro.losses import SupervisedLoss, balanced_softmax, cosine_distance, feature_mse
+from fopro.losses import SupervisedLoss, balanced_softmax, class_balanced_weights, cosine_distance, feature_mse
 from fopro.models.student import DistillHeads, features_and_logits
 from fopro.models.teacher import Teacher
 from fopro.models.weights import embedding_dim
@@ -38,6 +38,7 @@ class MethodConfig:
     fpg_lr: float = 1e-3
     prompt_fraction: float = 1.0  # share of each batch that the FPG prompts (fopro)
     probe_kd: float = 0.0  # weight of KL(teacher probe || student) on the teacher's embedding (kd, ekd, fopro)
+    align_weights: str = "none"  # none | balanced: each image's alignment term weighted 1 / (C p_y) (kd, ekd, fopro)
 
 
 def check_method(name: str) -> None:
@@ -113,8 +114,11 @@ class FeatureKD(Method):
     def trainable_state(self) -> dict[str, nn.Module]:
         return {"student": self.student, "heads": self.heads}
 
-    def alignment(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return feature_mse(projected, target)
+    def alignment(self, projected: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return feature_mse(projected, target, weights)
+
+    def alignment_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return class_balanced_weights(self.sup_loss.log_prior, labels) if self.config.align_weights == "balanced" else None
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
         features, logits = self.student_forward(images)
@@ -133,7 +137,7 @@ class FeatureKD(Method):
         parts: Losses,
     ) -> tuple[torch.Tensor, Losses]:
         """L_sup(fc(f)) + lambda * alignment(p(f), target) [+ L_sup(fc_t(p(f))) with the second head]."""
-        align = self.alignment(projected, target)
+        align = self.alignment(projected, target, self.alignment_weights(labels))
         sup = self.sup_loss(logits, labels)
         loss = self.config.ekd_weight * align + sup
         parts.update({"sup": sup.detach(), "kd": align.detach()})
@@ -160,8 +164,8 @@ class EffectiveKD(FeatureKD):
 
     second_head = True
 
-    def alignment(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cosine_distance(projected, target)
+    def alignment(self, projected: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return cosine_distance(projected, target, weights)
 
 
 @dataclass

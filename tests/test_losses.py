@@ -6,10 +6,14 @@ import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from fopro.errors import FoproError
-from fopro.losses import LOSSES, SupervisedLoss, balanced_softmax, class_log_prior, cosine_distance, feature_mse
+from fopro.losses import LOSSES, SupervisedLoss, balanced_softmax, class_balanced_weights, class_log_prior, cosine_distance, feature_mse
+from fopro.methods import MethodConfig, build_method
+from fopro.models import StudentOptions, Teacher, create_student
+from fopro.preprocess import Preprocess
 
 COUNTS = [100, 30, 9, 2]
 
@@ -112,3 +116,47 @@ def test_losses_have_gradients():
         x = logits.clone().requires_grad_(True)
         SupervisedLoss(name, COUNTS)(x, labels).backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
+
+
+def test_class_balanced_alignment_weights_by_hand():
+    """Counts 6 / 3 / 1: weights N / (C n_y) = 10/18, 10/9, 10/3; an unlabelled image (-1) weighs 1."""
+    log_prior = class_log_prior([6, 3, 1])
+    weights = class_balanced_weights(log_prior, torch.tensor([0, 1, 2, -1, 2]))
+    assert torch.allclose(weights, torch.tensor([10 / 18, 10 / 9, 10 / 3, 1.0, 10 / 3]))
+    # over the training distribution the mean weight is 1: the term keeps its scale
+    assert math.isclose(float((torch.tensor([6, 3, 1]) * weights[:3]).sum() / 10), 1.0, rel_tol=1e-6)
+
+
+def test_weighted_alignment_terms_match_numpy():
+    rng = np.random.default_rng(0)
+    a, b, w = rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), rng.uniform(0.2, 3.0, size=5)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    ta, tb, tw = (torch.tensor(x, dtype=torch.float32) for x in (a, b, w))
+    assert math.isclose(float(cosine_distance(ta, tb, tw)), float((w * (2 - 2 * cos)).sum() / w.sum()), rel_tol=1e-5)
+    assert math.isclose(float(feature_mse(ta, tb, tw)), float((w * ((a - b) ** 2).mean(1)).sum() / w.sum()), rel_tol=1e-5)
+    # equal weights are the plain mean
+    assert math.isclose(float(cosine_distance(ta, tb, torch.full((5,), 2.0))), float(cosine_distance(ta, tb)), rel_tol=1e-6)
+
+
+def test_balanced_align_weights_reach_the_ekd_step():
+    """method ekd with align_weights balanced: its kd part is the class-weighted mean of the per-image distances."""
+    torch.manual_seed(0)
+    student, preprocess = create_student(StudentOptions("test_resnet", image_size=32), 3)
+    teacher_model = timm.create_model("test_resnet", num_classes=0)
+    teacher = Teacher(teacher_model, Preprocess(32, (0.5,) * 3, (0.5,) * 3), "test_resnet")
+    sup = SupervisedLoss("balanced_softmax", [6, 3, 1])
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
+    parts, distances = {}, {}
+    for weights in ("none", "balanced"):
+        method = build_method(MethodConfig(name="ekd", align_weights=weights), student, preprocess, sup, teacher, None)
+        method.eval()  # BatchNorm in eval mode: the same features for both
+        with torch.no_grad():
+            features, _ = method.student_forward(images)
+            projected, _ = method.heads(features)
+            distances[weights] = 2 - 2 * torch.nn.functional.cosine_similarity(projected, teacher(images), dim=1)
+            _, parts[weights] = method.step(images, labels, 0)
+    w = class_balanced_weights(sup.log_prior, labels)
+    assert math.isclose(float(parts["none"]["kd"]), float(distances["none"].mean()), rel_tol=1e-5)
+    balanced = distances["balanced"]
+    assert math.isclose(float(parts["balanced"]["kd"]), float((w * balanced).sum() / w.sum()), rel_tol=1e-5)
+    assert not math.isclose(float(balanced.mean()), float((w * balanced).sum() / w.sum()), rel_tol=1e-4)
