@@ -10,6 +10,7 @@ The tracking packages are optional extras, imported only when their tracker is m
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 import json
 import logging
 import math
@@ -75,7 +76,7 @@ class NoTracker:
         pass
 
 
-class Recorder(NoTracker):
+class Recorder(NoTracker, ABC):
     """What the TensorBoard and MLflow trackers share: the training loop's numbers as named scalars and images.
     A backend writes scalars and images and ends its run in close(status)."""
 
@@ -87,14 +88,14 @@ class Recorder(NoTracker):
         if fpg is not None and len(images):
             self.image("fpg/mean_mask", fpg_mask_image(fpg, images), step)
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
 
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def image(self, tag: str, image: np.ndarray, step: int) -> None: ...
 
-    def close(self, status: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self, status: str) -> None: ...
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.close("FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
