@@ -160,6 +160,11 @@ class DistillConfig:
         METHOD,
         choices=ALIGN_WEIGHTS,
     )
+    second_head: bool = option(
+        True,
+        "EKD's second classifier fc_t on the projected features, trained with the supervised loss (ekd, fopro); --no-second-head keeps only the alignment term.",
+        METHOD,
+    )
     adv_weight: float = option(
         1.0, "alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", FPG,
         rule=Rule(lambda v: v >= 0, "must not be negative (0 turns AKD off)"),
@@ -256,6 +261,7 @@ class DistillConfig:
             prompt_fraction=self.prompt_fraction,
             probe_kd=self.probe_kd,
             align_weights=self.align_weights,
+            second_head=self.second_head,
         )
 
     def learning_rate(self, world_size: int = 1) -> float:

@@ -39,6 +39,7 @@ class MethodConfig:
     prompt_fraction: float = 1.0  # share of each batch that the FPG prompts (fopro)
     probe_kd: float = 0.0  # weight of KL(teacher probe || student) on the teacher's embedding (kd, ekd, fopro)
     align_weights: str = "none"  # none | balanced: each image's alignment term weighted 1 / (C p_y) (kd, ekd, fopro)
+    second_head: bool = True  # EKD's fc_t on the projection (ekd, fopro); False keeps only the alignment term
 
 
 def check_method(name: str) -> None:
@@ -106,7 +107,9 @@ class FeatureKD(Method):
             raise FoproError("--probe-kd needs the teacher probe (a linear classifier on the teacher's embeddings)")
         self.teacher = teacher
         self.probe = probe.requires_grad_(False).eval() if probe is not None else None
-        self.heads = DistillHeads(embedding_dim(student), teacher.embed_dim, len(sup_loss.log_prior), second_head=self.second_head)
+        self.heads = DistillHeads(
+            embedding_dim(student), teacher.embed_dim, len(sup_loss.log_prior), second_head=self.second_head and config.second_head
+        )
 
     def student_parameters(self) -> list[nn.Parameter]:
         return super().student_parameters() + list(self.heads.parameters())

@@ -3,6 +3,7 @@ from DistillConfig's fields, so they agree in names, defaults and types; validat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,3 +111,11 @@ def test_class_names_with_commas_as_a_json_list() -> None:
 def test_every_rule_is_checked_when_the_options_are_resolved(values: dict, message: str) -> None:
     with pytest.raises(FoproError, match=message):
         resolve_config({}, values)
+
+
+def test_every_method_field_reaches_the_method_config() -> None:
+    """MethodConfig's fields are DistillConfig options of the same name (method -> name), passed through unchanged."""
+    values = {"method": "ekd", "ekd_weight": 7.0, "align_weights": "balanced", "second_head": False, "prompt_fraction": 0.5}
+    method = resolve_config({}, values).method_config()
+    assert (method.name, method.ekd_weight, method.align_weights, method.second_head, method.prompt_fraction) == ("ekd", 7.0, "balanced", False, 0.5)
+    assert {f.name for f in dataclasses.fields(method)} - {"name"} <= set(FIELDS)

@@ -160,3 +160,24 @@ def test_balanced_align_weights_reach_the_ekd_step():
     balanced = distances["balanced"]
     assert math.isclose(float(parts["balanced"]["kd"]), float((w * balanced).sum() / w.sum()), rel_tol=1e-5)
     assert not math.isclose(float(balanced.mean()), float((w * balanced).sum() / w.sum()), rel_tol=1e-4)
+
+
+def test_ekd_without_second_head_is_supervision_plus_alignment():
+    """second_head False (--no-second-head): no fc_t, no sup_t part, loss = L_sup(fc(f)) + lambda * (2 - 2 cos)."""
+    torch.manual_seed(0)
+    student, preprocess = create_student(StudentOptions("test_resnet", image_size=32), 3)
+    teacher = Teacher(timm.create_model("test_resnet", num_classes=0), Preprocess(32, (0.5,) * 3, (0.5,) * 3), "test_resnet")
+    sup = SupervisedLoss("balanced_softmax", [6, 3, 1])
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
+    with_head = build_method(MethodConfig(name="ekd"), student, preprocess, sup, teacher, None)
+    without = build_method(MethodConfig(name="ekd", ekd_weight=2.0, second_head=False), student, preprocess, sup, teacher, None)
+    assert with_head.heads.fc_t is not None and without.heads.fc_t is None
+    without.eval()
+    with torch.no_grad():
+        features, logits = without.student_forward(images)
+        projected, second_logits = without.heads(features)
+        loss, parts = without.step(images, labels, 0)
+    assert second_logits is None and set(parts) == {"sup", "kd"}
+    distance = (2 - 2 * torch.nn.functional.cosine_similarity(projected, teacher(images), dim=1)).mean()
+    assert math.isclose(float(parts["kd"]), float(distance), rel_tol=1e-5)
+    assert math.isclose(float(loss), float(sup(logits, labels) + 2.0 * distance), rel_tol=1e-5)
