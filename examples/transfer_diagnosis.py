@@ -42,7 +42,7 @@ from fopro.evaluate import TorchPredictor, predict  # noqa: E402
 from fopro.metrics import DEFAULT_GROUPS  # noqa: E402
 from fopro.preprocess import Preprocess  # noqa: E402
 from fopro.state import load_state  # noqa: E402
-from fopro.train import build_run  # noqa: E402
+from fopro.run import build_run  # noqa: E402
 
 TAUS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
 GRADIENT_BATCHES = 4

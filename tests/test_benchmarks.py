@@ -177,7 +177,8 @@ def test_benchmark_step_is_the_training_loop_step(tmp_path):
     from fopro.config import DistillConfig
     from fopro.runtime import no_progress
     from fopro.schedule import adversary_ramp, epoch_batches, epoch_order, lr_factor
-    from fopro.train import build_run, make_loader, train_epoch
+    from fopro.run import build_run
+    from fopro.train import make_loader, train_epoch
 
     root = make_image_folder(tmp_path / "data", {"train": {"a": 7, "b": 5}}, size=32)
     teacher, _ = tiny_checkpoint(tmp_path / "teacher", ["x", "y"], arch="test_resnet", image_size=32)

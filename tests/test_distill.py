@@ -25,7 +25,8 @@ from fopro.io import LOCK_NAME
 from fopro.fpg import FourierPromptGenerator
 from fopro.methods import FeatureKD, FoProKD
 from fopro.state import load_state
-from fopro.train import build_fpg, build_run, train
+from fopro.run import build_fpg, build_run
+from fopro.train import train
 
 from conftest import torch_threads
 
@@ -94,17 +95,17 @@ def _unchanged(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bo
 @pytest.fixture
 def captured_teachers(monkeypatch):
     """Record each teacher that train() builds, with a copy of its weights taken at load time."""
-    import fopro.train
+    import fopro.run
 
     seen: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
-    original = fopro.train.load_teacher
+    original = fopro.run.load_teacher
 
     def recording(options, default_image_size):
         teacher, notes = original(options, default_image_size)
         seen.append((teacher, {k: v.detach().clone() for k, v in teacher.model.state_dict().items()}))
         return teacher, notes
 
-    monkeypatch.setattr(fopro.train, "load_teacher", recording)
+    monkeypatch.setattr(fopro.run, "load_teacher", recording)
     return seen
 
 

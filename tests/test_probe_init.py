@@ -12,7 +12,8 @@ from fopro.data import DataOptions
 from fopro.fourier import band_gain_mask
 from fopro.models.teacher import TeacherOptions
 from fopro.probe.frequency import ProbeOptions, run_probe
-from fopro.train import build_fpg, train
+from fopro.run import build_fpg
+from fopro.train import train
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from fopro.distill import distill
 from fopro.errors import FoproError
 from fopro.runtime import no_progress
 from fopro.schedule import lr_factor
-from fopro.train import build_run, local_batches, train_epoch
+from fopro.run import build_run, local_batches
+from fopro.train import train_epoch
 
 
 def test_lr_auto_scales_with_the_global_batch():

@@ -24,7 +24,8 @@ from fopro.data.synth import SynthConfig, generate_synth
 from fopro.distill import auto_resume, distill
 from fopro.errors import FoproError
 from fopro.state import load_state
-from fopro.train import STOP_SIGNALS, TrainingInterrupted, check_run_dir, make_loader, train
+from fopro.run import check_run_dir
+from fopro.train import STOP_SIGNALS, TrainingInterrupted, make_loader, train
 
 from conftest import tiny_distill_values, torch_threads
 

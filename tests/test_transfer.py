@@ -21,7 +21,8 @@ from fopro.distributed import DistEnv
 from fopro.errors import FoproError
 from fopro.losses import SupervisedLoss
 from fopro.schedule import unlabeled_batches
-from fopro.train import build_run, train
+from fopro.run import build_run
+from fopro.train import train
 
 from conftest import torch_threads
 
