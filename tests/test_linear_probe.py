@@ -29,7 +29,8 @@ from fopro.linear_probe import (
 from fopro.metrics import LongTailGroups, compute_metrics
 from fopro.models.teacher import TeacherOptions, load_teacher
 from fopro.probe.file import band_gains_from_probe, read_probe_json
-from fopro.probe.frequency import ProbeOptions, run_probe
+from fopro.probe.frequency import run_probe
+from fopro.probe.options import ProbeOptions
 
 S = 32
 FAST = dict(min_steps=300)  # enough on the blobs below; keeps the tests fast

@@ -30,7 +30,8 @@ from fopro.preprocess import Preprocess
 from fopro.probe.crossval import cross_val_predictions, discriminability, knn_neighbours, stratified_folds
 from fopro.probe.file import band_gains_from_probe
 from fopro.probe.fpg_report import load_run_fpg, probe_fpg
-from fopro.probe.frequency import ProbeOptions, check_options, probe_transform, run_probe
+from fopro.probe.frequency import probe_transform, run_probe
+from fopro.probe.options import ProbeOptions, check_options
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 S = 32

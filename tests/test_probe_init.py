@@ -11,7 +11,8 @@ from fopro.config import DistillConfig
 from fopro.data import DataOptions
 from fopro.fourier import band_gain_mask
 from fopro.models.teacher import TeacherOptions
-from fopro.probe.frequency import ProbeOptions, run_probe
+from fopro.probe.frequency import run_probe
+from fopro.probe.options import ProbeOptions
 from fopro.run import build_fpg
 from fopro.train import train
 

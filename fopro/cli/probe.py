@@ -18,7 +18,9 @@ from fopro.data.augment import DEFAULT_PRESET, PRESET_HELP
 from fopro.errors import FoproError
 from fopro.models.teacher import TeacherOptions
 from fopro.probe.fpg_report import probe_fpg
-from fopro.probe.frequency import ProbeOptions, linear_probe_line, points_text, run_probe
+from fopro.probe.frequency import run_probe
+from fopro.probe.options import ProbeOptions
+from fopro.probe.verdict import linear_probe_line, points_text
 
 AUGMENT_PRESETS = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
 

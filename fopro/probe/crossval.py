@@ -23,7 +23,6 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
 
 
-
 def stratified_folds(labels: Sequence[int], n_folds: int, seed: int) -> np.ndarray:
     """Fold id per sample: each class's images shuffled (``default_rng(seed)``) and dealt round-robin.
 
@@ -40,12 +39,10 @@ def stratified_folds(labels: Sequence[int], n_folds: int, seed: int) -> np.ndarr
     return folds
 
 
-
 def fold_count(labels: np.ndarray, folds: int) -> int:
     """min(``folds``, the smallest class's count), at least 2."""
     present = np.bincount(labels)
     return max(2, min(folds, int(present[present > 0].min())))
-
 
 
 def knn_neighbours(labels: np.ndarray, n_folds: int, neighbours: int) -> int:
@@ -53,7 +50,6 @@ def knn_neighbours(labels: np.ndarray, n_folds: int, neighbours: int) -> int:
     present = np.bincount(labels)
     smallest = int(present[present > 0].min())
     return max(1, min(neighbours, smallest - math.ceil(smallest / n_folds)))
-
 
 
 def cl2n(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,14 +63,12 @@ def cl2n(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return normalise(train), normalise(test)
 
 
-
 def ncm_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray) -> np.ndarray:
     """The class whose training mean is nearest (Euclidean); ties go to the lowest class index."""
     classes = np.unique(train_labels)
     means = np.stack([train[train_labels == c].mean(axis=0) for c in classes])
     distances = ((test[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
     return classes[np.argmin(distances, axis=1)]
-
 
 
 def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
@@ -90,7 +84,6 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k
     return classes[np.argmax(votes, axis=1)]
 
 
-
 def cross_val_predictions(embeddings: np.ndarray, labels: np.ndarray, folds: np.ndarray, method: str, k: int = 5) -> np.ndarray:
     """Out-of-fold predictions of "ncm" or "knn" on CL2N embeddings (statistics from the training folds only)."""
     predictions = np.empty(len(labels), dtype=np.int64)
@@ -104,13 +97,11 @@ def cross_val_predictions(embeddings: np.ndarray, labels: np.ndarray, folds: np.
     return predictions
 
 
-
 def _balanced(labels: np.ndarray, predictions: np.ndarray, num_classes: int, subset: list[int] | None) -> tuple[float | None, list[float | None]]:
     recalls = per_class_recall(confusion_matrix(labels, predictions, num_classes))
     chosen = range(num_classes) if subset is None else subset
     defined = [recalls[c] for c in chosen if recalls[c] is not None]
     return (float(np.mean(defined)) if defined else None), recalls
-
 
 
 def discriminability(
@@ -132,7 +123,6 @@ def discriminability(
         "per_class_recall": recalls,
         "_correct": ncm == labels,
     }
-
 
 
 def paired_standard_error(labels: np.ndarray, before: np.ndarray, after: np.ndarray, classes: Sequence[int] | None) -> float | None:

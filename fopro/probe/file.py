@@ -21,10 +21,8 @@ FORMAT = "fopro-probe/1"
 FPG_FORMAT = "fopro-probe-fpg/1"
 
 
-
 def delta_of(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else float(value - reference)
-
 
 
 def band_entry(row: dict | None) -> dict | None:
@@ -35,11 +33,9 @@ def band_entry(row: dict | None) -> dict | None:
             "cosine": row.get("cosine")}
 
 
-
 def effect_threshold(entry: dict, min_effect: float) -> float:
     """An effect counts when |delta| exceeds max(min_effect, 2 standard errors of the paired difference)."""
     return max(min_effect, 2.0 * (entry.get("se") or 0.0))
-
 
 
 def band_summary(results: list[dict], band: int) -> dict:
@@ -55,14 +51,12 @@ def band_summary(results: list[dict], band: int) -> dict:
     }
 
 
-
 def suggested_gain(summary: dict, min_effect: float) -> float:
     """The rule of :func:`band_gains_from_probe` for one band (see there)."""
     helps = [e for e in (summary["amplify"], summary["diminish"]) if e is not None and e["delta"] > effect_threshold(e, min_effect)]
     if not helps:
         return 1.0
     return float(max(helps, key=lambda e: e["delta"])["gain"])
-
 
 
 def read_probe_json(path: str | Path, option: str = "--probe-json") -> dict:
@@ -85,7 +79,6 @@ def read_probe_json(path: str | Path, option: str = "--probe-json") -> dict:
     except (TypeError, ValueError, KeyError) as err:
         raise FoproError(f"{option} {path} has malformed bands or results ({err}): write it again with `fopro probe`") from err
     return data
-
 
 
 def band_gains_from_probe(probe_json_path: str | Path, n_bands: int | None = None) -> tuple[list[tuple[float, float]], list[float]]:

@@ -22,22 +22,15 @@ from fopro.io import write_json
 from fopro.models.weights import read_state_dict
 from fopro.plots import plot_fpg_mask
 from fopro.probe.file import FPG_FORMAT, band_summary, read_probe_json, suggested_gain
-from fopro.probe.frequency import ProbeOptions, check_bands_fit, check_options, load_probe_images
+from fopro.probe.frequency import load_probe_images
+from fopro.probe.options import ProbeOptions, check_bands_fit, check_options
 from fopro.runtime import ProgressFn, no_progress
 
 
-MIN_DEFAULT_IMAGE_SIZE = 16
 #: |mean mask - 1| below this counts as "unchanged" in the FPG's radial profile.
 UNCHANGED_TOLERANCE = 0.01
-
-
-UNCHANGED_TOLERANCE = 0.01
-RUN_CONFIG = "config.json"
-
-
 RUN_CONFIG = "config.json"
 RUN_FPG = "fpg.safetensors"
-
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -58,7 +51,6 @@ def read_run_config(run_dir: str | Path) -> dict:
     }
 
 
-
 def load_run_fpg(run_dir: str | Path) -> FourierPromptGenerator:
     """The trained FPG of a distillation run (RUN_DIR/fpg.safetensors + RUN_DIR/config.json), in eval mode."""
     config = read_run_config(run_dir)
@@ -77,7 +69,6 @@ def load_run_fpg(run_dir: str | Path) -> FourierPromptGenerator:
     return fpg.eval()
 
 
-
 def radial_profile(mask: torch.Tensor, edges: Sequence[Sequence[float]]) -> list[float]:
     """Mean of an (H, W) unshifted-grid mask over each band."""
     h, w = mask.shape[-2:]
@@ -86,14 +77,12 @@ def radial_profile(mask: torch.Tensor, edges: Sequence[Sequence[float]]) -> list
     return [float(v) for v in sums / masks.sum(dim=(1, 2)).clamp(min=1)]
 
 
-
 def _direction(value: float) -> str:
     if value > 1 + UNCHANGED_TOLERANCE:
         return "amplified"
     if value < 1 - UNCHANGED_TOLERANCE:
         return "diminished"
     return "unchanged"
-
 
 
 @torch.no_grad()
@@ -113,7 +102,6 @@ def fpg_masks(fpg: FourierPromptGenerator, images: torch.Tensor, labels: np.ndar
     counts = np.bincount(labels, minlength=num_classes)
     per_class /= torch.from_numpy(np.maximum(counts, 1)).to(torch.float64)[:, None, None]
     return total / len(images), per_class, counts
-
 
 
 def _compare_with_probe(probe: dict, profile: list[float], run_teacher: str | None) -> tuple[dict, list[str]]:
@@ -137,7 +125,6 @@ def _compare_with_probe(probe: dict, profile: list[float], run_teacher: str | No
     return comparison, notes
 
 
-
 def fpg_verdict(bands: list[dict], comparison: dict | None) -> str:
     def listed(direction: str) -> str:
         chosen = [b for b in bands if b["direction"] == direction]
@@ -153,7 +140,6 @@ def fpg_verdict(bands: list[dict], comparison: dict | None) -> str:
             parts.append(f"it agrees with the probe on {len(comparison['agreeing_bands'])} of "
                          f"{len(comparison['bands_with_preference'])} bands the probe had a preference for")
     return "; ".join(parts)
-
 
 
 def probe_fpg(
@@ -217,7 +203,6 @@ def probe_fpg(
     if out_dir is not None:
         write_fpg(result, mean_mask, Path(out_dir), probe)
     return result
-
 
 
 def write_fpg(result: dict, mean_mask: torch.Tensor, out_dir: Path, probe: dict | None = None) -> dict[str, Path]:

@@ -37,13 +37,12 @@ The linear probe (``run_probe``, unless ``linear=False``): how much the teacher 
     (the last three with a note saying why). Readers must not require it (older probe.json files lack it).
 
 The learned FPG's report is in :mod:`fopro.probe.fpg_report`, the probe.json contract in :mod:`fopro.probe.file`,
-the cross-validation kernel in :mod:`fopro.probe.crossval`.
+the cross-validation kernel in :mod:`fopro.probe.crossval`, the options in :mod:`fopro.probe.options`, the
+preference and the verdict line in :mod:`fopro.probe.verdict`.
 """
-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -53,13 +52,11 @@ import torch
 from PIL import Image
 
 from fopro.data import DataOptions, Manifest, checked_dataset, load_splits
-from fopro.data.augment import DEFAULT_PRESET, AugmentConfig, resolve_augment
-from fopro.data.sources import SPLITS
+from fopro.data.augment import resolve_augment
 from fopro.errors import FoproError
-from fopro.fourier import amplitude_phase, band_edges, band_masks, scale_band
+from fopro.fourier import amplitude_phase, band_masks, scale_band
 from fopro.io import check_output_folder, write_json
-from fopro.linear_probe import LinearProbeOptions, teacher_probe
-from fopro.metrics import DEFAULT_GROUPS, LongTailGroups
+from fopro.linear_probe import teacher_probe
 from fopro.models.teacher import Teacher, TeacherOptions, load_teacher
 from fopro.plots import plot_probe
 from fopro.probe.crossval import (
@@ -70,123 +67,17 @@ from fopro.probe.crossval import (
     paired_standard_error,
     stratified_folds,
 )
-from fopro.probe.file import DEFAULT_MIN_EFFECT, FORMAT, band_summary, delta_of, effect_threshold, suggested_gain
+from fopro.probe.file import FORMAT, delta_of
+from fopro.probe.options import (
+    MAX_DEFAULT_IMAGE_SIZE,
+    MIN_DEFAULT_IMAGE_SIZE,
+    ProbeOptions,
+    check_bands_fit,
+    check_options,
+    linear_options,
+)
+from fopro.probe.verdict import extra_notes, preference, verdict_line
 from fopro.runtime import ProgressFn, no_progress, resolve_device
-
-
-FPG_FORMAT = "fopro-probe-fpg/1"
-DEFAULT_GAINS = (0.0, 0.5, 2.0)
-
-
-DEFAULT_GAINS = (0.0, 0.5, 2.0)
-MAX_BANDS = 64
-
-
-MAX_BANDS = 64
-MAX_GAIN = 100.0
-
-
-MAX_GAIN = 100.0
-MAX_DEFAULT_IMAGE_SIZE = 224
-
-
-MAX_DEFAULT_IMAGE_SIZE = 224
-MIN_DEFAULT_IMAGE_SIZE = 16
-
-
-
-@dataclass
-class ProbeOptions:
-    """What to probe and how; ``bands`` and ``gains`` may also be given as CLI text ("8", "0,0.5,2")."""
-
-    split: str = "val"
-    bands: int | str = 8
-    log_bands: bool = False
-    gains: Sequence[float] | str = DEFAULT_GAINS
-    per_class: int = 50
-    batch_size: int = 64
-    device: str = "auto"
-    seed: int = 0
-    groups: LongTailGroups = DEFAULT_GROUPS
-    folds: int = 5
-    neighbours: int = 5
-    min_effect: float = DEFAULT_MIN_EFFECT
-    linear: bool = True
-    linear_views: int = 4
-    augment: str = DEFAULT_PRESET
-
-
-
-def parse_bands(value: int | str) -> int:
-    """The number of bands, from an int or CLI text; FoproError naming --bands otherwise."""
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.lstrip("+").isdigit():
-        raise FoproError(f"--bands must be a whole number >= 1 (got {text!r}); pass e.g. --bands 8")
-    bands = int(text)
-    if not 1 <= bands <= MAX_BANDS:
-        raise FoproError(f"--bands must be between 1 and {MAX_BANDS} (got {bands}); pass e.g. --bands 8")
-    return bands
-
-
-
-def parse_gains(value: Sequence[float] | str) -> list[float]:
-    """Sorted distinct gains >= 0 from a list or CLI text "0,0.5,2"; FoproError naming --gains otherwise."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    hint = "pass comma-separated numbers >= 0, e.g. --gains 0,0.5,2"
-    if not items or all(str(item).strip() == "" for item in items):
-        raise FoproError(f"--gains is empty: {hint}")
-    gains = []
-    for item in items:
-        text = str(item).strip()
-        try:
-            gain = float(text)
-        except ValueError:
-            raise FoproError(f"--gains: {text!r} is not a number: {hint}") from None
-        if isinstance(item, bool) or text == "" or not math.isfinite(gain):
-            raise FoproError(f"--gains: {text!r} is not a finite number: {hint}")
-        if gain < 0:
-            raise FoproError(f"--gains: {text} is negative (an amplitude gain is >= 0; 0 removes the band): {hint}")
-        if gain > MAX_GAIN:
-            raise FoproError(f"--gains: {text} is above {MAX_GAIN:g}: amplify by at most {MAX_GAIN:g}x")
-        gains.append(gain)
-    return sorted(set(gains))
-
-
-
-def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], list[float]]:
-    """Validate the options; return the band edges and the gains."""
-    if options.split not in SPLITS:
-        raise FoproError(f"--split {options.split!r} is not a split: use {', '.join(SPLITS)}")
-    edges = band_edges(parse_bands(options.bands), log=bool(options.log_bands))
-    gains = parse_gains(options.gains)
-    for value, option, minimum in ((options.per_class, "--per-class", 2), (options.batch_size, "--batch-size", 1),
-                                   (options.folds, "folds", 2), (options.neighbours, "neighbours", 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise FoproError(f"{option} must be a whole number >= {minimum} (got {value!r})")
-    linear_options(options)
-    resolve_augment(options.augment)
-    return edges, gains
-
-
-
-def linear_options(options: ProbeOptions) -> LinearProbeOptions:
-    """The linear probe's options: ``linear_views`` views, the probe's seed, the other values at their defaults."""
-    return LinearProbeOptions(views=options.linear_views, seed=options.seed)
-
-
-
-def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> None:
-    """Every band must hold at least one frequency of a size x size image."""
-    counts = band_masks(size, size, edges).sum(dim=(1, 2))
-    for index, count in enumerate(counts.tolist()):
-        if count == 0:
-            low, high = edges[index]
-            hint = "use fewer bands" + (" or linear bands (no --log-bands)" if log else "")
-            raise FoproError(
-                f"--bands {len(edges)}{' --log-bands' if log else ''}: band {index} ({low:.3f}-{high:.3f} of Nyquist) "
-                f"holds no frequency of a {size}-px image: {hint}"
-            )
-
 
 
 def probe_transform(x: torch.Tensor, edges: Sequence[Sequence[float]], band: int, gain: float) -> torch.Tensor:
@@ -194,7 +85,6 @@ def probe_transform(x: torch.Tensor, edges: Sequence[Sequence[float]], band: int
     if float(gain) == 1.0:
         return x
     return scale_band(x, edges, band, float(gain))
-
 
 
 def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[int]:
@@ -207,7 +97,6 @@ def select_per_class(labels: Sequence[int], per_class: int, seed: int) -> list[i
             members = np.random.default_rng([seed, int(c)]).choice(members, per_class, replace=False)
         keep.extend(int(i) for i in members)
     return sorted(keep)
-
 
 
 def native_image_size(manifest: Manifest) -> int:
@@ -225,7 +114,6 @@ def native_image_size(manifest: Manifest) -> int:
     return MAX_DEFAULT_IMAGE_SIZE
 
 
-
 def load_probe_images(
     manifest: Manifest, size: int, options: ProbeOptions, skip_bad_images: bool
 ) -> tuple[torch.Tensor, np.ndarray, Manifest]:
@@ -236,7 +124,6 @@ def load_probe_images(
         raise FoproError(f"no readable image in the {manifest.split} split: check the data or pick another --split")
     images = torch.stack([dataset.raw(i) for i in range(len(dataset))])
     return images, np.asarray(dataset.manifest.labels, dtype=np.int64), dataset.manifest
-
 
 
 def drop_tiny_classes(images: torch.Tensor, labels: np.ndarray, classes: list[str], split: str) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -255,7 +142,6 @@ def drop_tiny_classes(images: torch.Tensor, labels: np.ndarray, classes: list[st
     return images, labels, notes
 
 
-
 def band_energy(images: torch.Tensor, edges: Sequence[Sequence[float]], batch_size: int) -> list[float]:
     """Fraction of the spectral energy (|fft2|^2, DC term excluded, all channels) in each band, over all images."""
     size = images.shape[-1]
@@ -268,7 +154,6 @@ def band_energy(images: torch.Tensor, edges: Sequence[Sequence[float]], batch_si
         total += (masks * power).sum(dim=(1, 2))
     denominator = float(total.sum())
     return [float(v) / denominator if denominator > 0 else 0.0 for v in total]
-
 
 
 @torch.no_grad()
@@ -287,7 +172,6 @@ def embed(
         outputs.append(teacher(transform(x)).float().reshape(len(x), -1).cpu().numpy().astype(np.float64))
         report("teacher embeddings", start + len(x), len(images))
     return np.concatenate(outputs)
-
 
 
 def tail_classes(splits: Any, classes: list[str], probed: list[int], options: ProbeOptions) -> tuple[dict, list[str]]:
@@ -309,79 +193,11 @@ def tail_classes(splits: Any, classes: list[str], probed: list[int], options: Pr
     return info, notes
 
 
-
-def preference(results: list[dict], edges: Sequence[Sequence[float]], min_effect: float) -> dict:
-    """Per-band effects, the bands whose amplification helps / removal hurts / diminishing helps, suggested gains."""
-    per_band = []
-    for band, (low, high) in enumerate(edges):
-        summary = band_summary(results, band)
-        per_band.append({"band": band, "range": [low, high], **summary, "suggested_gain": suggested_gain(summary, min_effect)})
-
-    def ranked(kind: str, sign: int) -> list[dict]:
-        chosen = [{"band": b["band"], "range": b["range"], **b[kind]} for b in per_band
-                  if b[kind] is not None and sign * b[kind]["delta"] > effect_threshold(b[kind], min_effect)]
-        return sorted(chosen, key=lambda e: -sign * e["delta"])
-
-    amplify, remove, diminish = ranked("amplify", 1), ranked("remove", -1), ranked("diminish", 1)
-    return {
-        "metric": "balanced_accuracy (NCM), change vs clean images",
-        "min_effect": min_effect,
-        "effect_rule": "a change counts when |delta| > max(min_effect, 2 x se), se = standard error of the paired "
-                       "per-image change in balanced accuracy",
-        "amplify_helps": amplify,
-        "removal_hurts": remove,
-        "diminish_helps": diminish,
-        "relies_most_on": remove[0]["band"] if remove else None,
-        "best_amplified": amplify[0]["band"] if amplify else None,
-        "suggested_gains": [b["suggested_gain"] for b in per_band],
-        "per_band": per_band,
-    }
-
-
-
-def _band_text(entry: dict) -> str:
-    low, high = entry["range"]
-    return f"band {entry['band']} ({low:.2f}-{high:.2f} of Nyquist)"
-
-
-
-def points_text(value: float | None) -> str:
-    """A change in balanced accuracy as signed points, e.g. +1.5."""
-    return "n/a" if value is None else f"{100 * value:+.1f}"
-
-
-
-def verdict_line(teacher: str, clean: dict, pref: dict, gains: list[float]) -> str:
-    """One line: what removing and amplifying bands does to the teacher's class separation."""
-    parts = [f"{teacher}: clean balanced accuracy {100 * clean['balanced_accuracy']:.1f}%"]
-    tail = lambda e: f", tail {points_text(e['tail_delta'])}" if e["tail_delta"] is not None else ""  # noqa: E731
-    if not any(g < 1 for g in gains):
-        parts.append("no removal or diminishing gain probed (add 0 to --gains)")
-    elif pref["removal_hurts"]:
-        e = pref["removal_hurts"][0]
-        how = "removing it" if e["gain"] == 0 else f"scaling it x{e['gain']:g}"
-        parts.append(f"relies most on {_band_text(e)}: {how} changes it by {points_text(e['delta'])} points{tail(e)}")
-    else:
-        parts.append("no band's removal lowers it beyond the noise")
-    if pref["amplify_helps"]:
-        e = pref["amplify_helps"][0]
-        parts.append(f"amplifying {_band_text(e)} x{e['gain']:g} helps most: {points_text(e['delta'])} points{tail(e)}")
-    elif any(g > 1 for g in gains):
-        parts.append("no amplification helps beyond the noise")
-    if pref["diminish_helps"]:
-        e = pref["diminish_helps"][0]
-        how = f"removing {_band_text(e)}" if e["gain"] == 0 else f"diminishing {_band_text(e)} x{e['gain']:g}"
-        parts.append(f"{how} helps: {points_text(e['delta'])} points")
-    return "; ".join(parts)
-
-
-
 def _load_data(data_options: DataOptions, split: str) -> tuple[Any, Manifest]:
     wanted = tuple(dict.fromkeys((split, "train")))
     splits = load_splits(data_options, splits=wanted)
     manifest = splits.require(split, f"give --{split}-csv or a {split}/ folder, or pick another --split")
     return splits, manifest
-
 
 
 def _condition(base: dict, clean: dict, clean_embeddings: np.ndarray, embeddings: np.ndarray, labels: np.ndarray,
@@ -393,7 +209,6 @@ def _condition(base: dict, clean: dict, clean_embeddings: np.ndarray, embeddings
     row["se_delta_balanced_accuracy"] = paired_standard_error(labels, before, after, None)
     row["se_delta_tail_balanced_accuracy"] = paired_standard_error(labels, before, after, tail) if tail else None
     return row
-
 
 
 @dataclass
@@ -409,7 +224,6 @@ class _Probed:
     device: torch.device
     notes: list[str]
     splits: Any = None
-
 
 
 def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options: ProbeOptions,
@@ -432,7 +246,6 @@ def _prepare(teacher_options: TeacherOptions, data_options: DataOptions, options
     probed = sorted(int(c) for c in np.unique(labels))
     tail, tail_notes = tail_classes(splits, splits.classes, probed, options)
     return _Probed(teacher.to(device), images, labels, splits.classes, probed, tail, device, notes + tail_notes, splits)
-
 
 
 def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: list[float], options: ProbeOptions,
@@ -474,20 +287,6 @@ def _score_conditions(data: _Probed, edges: list[tuple[float, float]], gains: li
     return {key: value for key, value in clean.items() if key != "_correct"}, results, evaluation
 
 
-
-def _extra_notes(clean: dict, gains: list[float], num_probed: int, min_effect: float) -> list[str]:
-    notes = []
-    if 1.0 in gains:
-        notes.append("gain 1 leaves the images unchanged: its rows repeat the clean scores")
-    chance = 1.0 / num_probed
-    if clean["balanced_accuracy"] is not None and clean["balanced_accuracy"] <= chance + min_effect:
-        notes.append(f"the clean balanced accuracy {100 * clean['balanced_accuracy']:.1f}% is at or below chance "
-                     f"({100 * chance:.0f}%): the teacher's embeddings do not separate these classes, so its "
-                     "band preferences say little (is it a pretrained teacher?)")
-    return notes
-
-
-
 def _linear_skip_reason(data: _Probed, options: ProbeOptions) -> str | None:
     """Why the linear probe cannot run on this data (a note), or None when it can."""
     if options.split == "train":
@@ -501,7 +300,6 @@ def _linear_skip_reason(data: _Probed, options: ProbeOptions) -> str | None:
         return (f"class(es) {', '.join(empty)} have no training image: no linear probe (balanced softmax needs "
                 "every class in the train split)")
     return None
-
 
 
 def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOptions,
@@ -554,19 +352,6 @@ def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOpt
     return result, notes
 
 
-
-def linear_probe_line(linear: dict) -> str:
-    """One line: e.g. "linear probe (trained on train, 4 augmented views): val balanced accuracy 84.2%, ..."."""
-    views, plural = linear["views"], "s" if linear["views"] > 1 else ""
-    augmented = linear.get("augmentation") != AugmentConfig().as_dict()
-    how = f"{views} augmented view{plural}" if augmented else f"{views} view{plural}, no augmentation"
-    percent = lambda value: "n/a" if value is None else f"{100 * value:.1f}%"  # noqa: E731
-    return (f"linear probe (trained on {linear['trained_on']}, {how}): {linear['evaluated_on']} balanced accuracy "
-            f"{percent(linear['balanced_accuracy'])}, tail recall {percent(linear['tail_recall'])}, "
-            f"macro-F1 {percent(linear['macro_f1'])}")
-
-
-
 def run_probe(
     teacher_options: TeacherOptions,
     data_options: DataOptions,
@@ -614,7 +399,7 @@ def run_probe(
         "results": [_named_recalls(row, classes, probed) for row in results],
         "preference": pref,
         "verdict": verdict_line(name, clean, pref, gains),
-        "notes": data.notes + _extra_notes(clean, gains, len(probed), options.min_effect) + linear_notes,
+        "notes": data.notes + extra_notes(clean, gains, len(probed), options.min_effect) + linear_notes,
     }
     if linear is not None:
         result["linear_probe"] = linear
@@ -623,11 +408,9 @@ def run_probe(
     return result
 
 
-
 def _named_recalls(scores: dict, classes: list[str], probed: list[int]) -> dict:
     recalls = scores["per_class_recall"]
     return {**scores, "per_class_recall": {classes[c]: recalls[c] for c in probed}}
-
 
 
 def write_probe(result: dict, out_dir: Path) -> dict[str, Path]:
