@@ -41,7 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from fopro.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from fopro.data import DataOptions, load_splits  # noqa: E402
 from fopro.evaluate import TorchPredictor  # noqa: E402
-from fopro.export import ExportOptions, export_onnx  # noqa: E402
+from fopro.export import export_onnx  # noqa: E402
+from fopro.export_options import ExportOptions  # noqa: E402
 from fopro.onnx_model import OnnxPredictor, graph_input, open_session  # noqa: E402
 from fopro.models import StudentOptions, create_student  # noqa: E402
 

@@ -3,107 +3,41 @@
 The exported graph is the checkpoint's backbone + classifier (`build_model`), optionally with the
 input scaling/normalisation (uint8 NCHW input) and a softmax inside. Everything needed to use it
 (classes, input size, mean/std, what is inside the graph, provenance) is stored in the model's
-`metadata_props`, so `fopro eval OUT.onnx` works on the file alone (`OnnxPredictor`).
+`metadata_props`, so `fopro eval OUT.onnx` works on the file alone (`OnnxPredictor`). The options are in
+`fopro.export_options`, the check against PyTorch's outputs in `fopro.export_check`, float16 / int8 in `fopro.quantize`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.transformers.float16 import convert_float_to_float16
-from onnxruntime.transformers.onnx_model import OnnxModel
 from torch import nn
 
 from fopro import __version__
 from fopro.checkpoint import CheckpointMeta, file_sha256, sidecar
-from fopro.models.weights import build_model
-from fopro.data import DataOptions, checked_dataset, load_splits
+from fopro.data import DataOptions
 from fopro.errors import FoproError, first_line
+from fopro.export_check import Sample, compare, measure_latency, random_sample, sample_images, torch_outputs
+from fopro.export_options import ExportOptions, supported_max_opset
 from fopro.io import atomic_path
-from fopro.metrics import compute_metrics
 from fopro.model_card import export_summary, write_card
-from fopro.onnx_model import FORMAT, FORMAT_VERSION, INPUT_LAYOUT, graph_input, open_session, ort_errors, run_batched
+from fopro.models.weights import build_model
+from fopro.onnx_model import FORMAT, FORMAT_VERSION, INPUT_LAYOUT, graph_input, open_session, run_batched
 from fopro.preprocess import Preprocess
+from fopro.quantize import int8_accuracy, int8_on_val, quantize_int8, to_fp16
 from fopro.runtime import ProgressFn, no_progress
 
-DEFAULT_OPSET = 17
-MIN_OPSET = 11
-MIN_INT8_OPSET = 13  # per-channel QDQ (axis on QuantizeLinear/DequantizeLinear)
 FP32_MAX_DIFF = 1e-3
 CHECK_SPLITS = ("val", "test", "train")
 CALIBRATION_SPLITS = ("train", "val")
 LATENCY_BATCHES = (1, 32)
-CALIBRATION_BATCH = 16
-
-
-@dataclass
-class ExportOptions:
-    """How to export: graph contents, batch axis, precision, and the verification to run."""
-
-    opset: int = DEFAULT_OPSET
-    batch: int | None = None  # None: dynamic batch axis; N: the graph accepts exactly N images
-    include_preprocess: bool = False
-    softmax: bool = False
-    fp16: bool = False
-    int8: bool = False
-    calibration_images: int = 200
-    val_images: int = 2000  # the int8 model is compared with the float one on (up to) this many VAL images
-    max_int8_drop: float = 0.01  # a larger loss of val balanced accuracy (fraction) is an error ...
-    max_int8_tail_drop: float = 0.03  # ... and of val tail recall
-    allow_int8_drop: bool = False
-    check: bool = True
-    check_images: int = 64
-    latency_repeats: int = 10
-    latency_warmup: int = 2
-    seed: int = 0
-
-    @property
-    def precision(self) -> str:
-        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
-
-    def validate(self, data: DataOptions | None) -> None:
-        max_opset = _max_opset()
-        if not MIN_OPSET <= self.opset <= max_opset:
-            raise FoproError(f"--opset {self.opset} is not supported: choose an opset from {MIN_OPSET} to {max_opset} (default {DEFAULT_OPSET})")
-        if self.batch is not None and self.batch <= 0:
-            raise FoproError(f"--batch {self.batch} must be 'dynamic' or a positive number of images")
-        if self.fp16 and self.int8:
-            raise FoproError("--fp16 and --int8 exclude each other: choose one precision")
-        if self.int8 and (data is None or not data.given()):
-            raise FoproError(
-                "--int8 calibration needs data options: pass --data ROOT (or --train-csv/--val-csv with --images) "
-                "so the quantiser can see real images"
-            )
-        if self.int8 and self.opset < MIN_INT8_OPSET:
-            raise FoproError(f"--int8 needs --opset {MIN_INT8_OPSET} or later (per-channel quantisation); got {self.opset}")
-        if self.max_int8_drop < 0 or self.max_int8_tail_drop < 0:
-            raise FoproError("--max-int8-drop and --max-int8-tail-drop are losses in points: give numbers >= 0")
-        if self.calibration_images <= 0:
-            raise FoproError(f"--calibration-images {self.calibration_images} must be greater than 0")
-        if self.check_images <= 0 or self.latency_repeats <= 0 or self.latency_warmup < 0:
-            raise FoproError("the check needs at least one image and one latency repetition")
-
-
-def _max_opset() -> int:
-    try:
-        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
-
-        return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-    except ImportError:  # private constant moved: the exporter still validates the opset itself
-        return 20
 
 
 # --- the graph -------------------------------------------------------------------------------------
@@ -161,7 +95,7 @@ def _torch_export(wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportO
     except RuntimeError as err:  # OnnxExporterError and UnsupportedOperatorError are RuntimeErrors
         raise FoproError(
             f"{meta.arch} cannot be exported to ONNX opset {options.opset} ({first_line(err, 300)}): "
-            f"try another --opset (up to {_max_opset()})"
+            f"try another --opset (up to {supported_max_opset()})"
         ) from err
 
 
@@ -202,91 +136,6 @@ def _set_metadata(model: Any, props: dict[str, str]) -> None:
     model.producer_version = __version__
     model.doc_string = f"fopro student {props['arch']} ({props['num_classes']} classes), exported from {props['source_checkpoint']}"
 
-
-# --- data for the check and the calibration --------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    images: torch.Tensor  # raw [0, 1] (N, 3, S, S)
-    labels: np.ndarray | None
-    source: str
-
-
-def sample_images(
-    data: DataOptions, meta: CheckpointMeta, splits: tuple[str, ...], limit: int, seed: int
-) -> Sample:
-    """Up to `limit` images (seeded choice) of the first present split in `splits`, decoded and checked."""
-    loaded = load_splits(data, splits=splits, classes=meta.classes)
-    split = next((s for s in splits if s in loaded and len(loaded[s]) > 0), None)
-    if split is None:
-        raise FoproError(f"no images in the {'/'.join(splits)} split(s) of {data.describe()}: add images or give another split")
-    manifest = loaded[split]
-    indices = list(range(len(manifest)))
-    if len(indices) > limit:
-        indices = sorted(np.random.default_rng(seed).choice(len(manifest), size=limit, replace=False).tolist())
-    dataset = checked_dataset(manifest.subset(indices), meta.image_size, data.skip_bad_images)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    return Sample(images, np.asarray(dataset.manifest.labels), f"{len(dataset)} {split} images of {data.describe()}")
-
-
-def random_sample(meta: CheckpointMeta, limit: int, seed: int) -> Sample:
-    generator = torch.Generator().manual_seed(seed)
-    shape = (limit, 3, meta.image_size, meta.image_size)
-    images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).float() / 255.0
-    return Sample(images, None, f"{limit} seeded random images (no data options given)")
-
-
-def _median_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1000.0 * statistics.median(times), 4)
-
-
-def measure_latency(
-    session: Any, wrapper: ExportWrapper, meta: CheckpointMeta, options: ExportOptions, batches: tuple[int, ...]
-) -> dict[str, dict[str, float]]:
-    """Median milliseconds per call of PyTorch eager (CPU) and onnxruntime (CPU), per batch size."""
-    name = session.get_inputs()[0].name
-    result = {}
-    generator = torch.Generator().manual_seed(options.seed + 1)
-    for batch in batches:
-        raw = torch.randint(0, 256, (batch, 3, meta.image_size, meta.image_size), generator=generator).float() / 255.0
-        feed = graph_input(raw, meta.preprocess, options.include_preprocess)
-        tensor = torch.from_numpy(feed)
-
-        def torch_call() -> None:
-            with torch.inference_mode():
-                wrapper(tensor)
-
-        result[f"batch_{batch}"] = {
-            "batch": batch,
-            "pytorch_ms": _median_ms(torch_call, options.latency_warmup, options.latency_repeats),
-            "onnxruntime_ms": _median_ms(lambda: session.run(None, {name: feed}), options.latency_warmup, options.latency_repeats),
-        }
-    return result
-
-
-@torch.no_grad()
-def torch_outputs(model: nn.Module, meta: CheckpointMeta, images: torch.Tensor, softmax: bool, chunk: int = 32) -> np.ndarray:
-    """The PyTorch student's logits / temperature (or probabilities) on raw images, through the reference preprocessing."""
-    outputs = []
-    for start in range(0, len(images), chunk):
-        out = model(meta.preprocess(images[start : start + chunk])) / meta.temperature
-        outputs.append(torch.softmax(out, dim=1) if softmax else out)
-    return torch.cat(outputs).float().numpy()
-
-
-def compare(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
-    return {
-        "max_abs_diff": float(np.abs(reference - exported).max()),
-        "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).mean()),
-    }
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -357,13 +206,13 @@ def export_onnx(
         _set_metadata(float_model, props)
         report["fp32_size_bytes"] = fp32_path.stat().st_size
         if options.fp16:
-            final = _to_fp16(float_model, meta)
+            final = to_fp16(float_model, meta)
         elif options.int8:
-            final = _quantize(fp32_path, Path(work), props, calibration, meta, options)
+            final = quantize_int8(fp32_path, Path(work), props, calibration, meta, options)
             int8_path = Path(work) / "int8_check.onnx"  # saved once; both checks run this one session
             onnx.save(final, str(int8_path))
             int8_session = open_session(int8_path)
-            report["int8_accuracy"] = _int8_accuracy(int8_session, model, meta, calibration, options)
+            report["int8_accuracy"] = int8_accuracy(int8_session, model, meta, calibration, options)
             report["int8_val"] = int8_on_val(int8_session, model, meta, data, options)
             progress("exporting", 2, steps)
         else:
@@ -416,122 +265,3 @@ def _check(path: Path, model: nn.Module, wrapper: ExportWrapper, meta: Checkpoin
     return result
 
 
-def _to_fp16(float_model: Any, meta: CheckpointMeta) -> Any:
-    """float16 weights and computation, float32 (or uint8) inputs and outputs."""
-    try:
-        model = convert_float_to_float16(float_model, keep_io_types=True)
-        # the converter appends the input casts at the end of the node list: restore topological order
-        OnnxModel.graph_topological_sort(model.graph)
-    except (RuntimeError, ValueError) as err:
-        raise FoproError(f"float16 conversion of {meta.arch} failed ({first_line(err, 300)}): export without --fp16") from err
-    return model
-
-
-class CalibrationReader:
-    """An onnxruntime.quantization.CalibrationDataReader (it checks `get_next` by duck typing) over graph inputs."""
-
-    def __init__(self, input_name: str, feed: np.ndarray, batch: int | None):
-        self.input_name = input_name
-        self.batches = []
-        step = batch or CALIBRATION_BATCH
-        for start in range(0, len(feed), step):
-            part = feed[start : start + step]
-            if batch and len(part) < batch:  # a fixed batch: pad the last one with copies of its first image
-                part = np.concatenate([part, np.repeat(part[:1], batch - len(part), axis=0)])
-            self.batches.append(part)
-        self.position = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.batches):
-            return None
-        self.position += 1
-        return {self.input_name: self.batches[self.position - 1]}
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def _quantize(fp32_path: Path, work: Path, props: dict[str, str], sample: Sample, meta: CheckpointMeta, options: ExportOptions) -> Any:
-    feed = graph_input(sample.images, meta.preprocess, options.include_preprocess)
-    reader = CalibrationReader(props["input_name"], feed, options.batch)
-    int8_path = work / "int8.onnx"
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantiser logs advice ("run pre-processing") through the root logger
-    try:
-        quantize_static(
-            str(fp32_path),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
-    except ort_errors() as err:
-        raise FoproError(f"int8 quantisation of {meta.arch} failed ({first_line(err, 300)}): export without --int8, or try --fp16") from err
-    finally:
-        root.setLevel(level)
-    return onnx.load(str(int8_path))
-
-
-def int8_on_val(session: Any, model: nn.Module, meta: CheckpointMeta, data: DataOptions, options: ExportOptions) -> dict:
-    """The int8 model against the float one on the VAL split (not the calibration images), class by class: the
-    change of balanced accuracy and of tail recall; a drop beyond the limits stops the export (unless allowed)."""
-    try:
-        sample = sample_images(data, meta, ("val",), options.val_images, options.seed)
-    except FoproError as err:
-        return {"skipped": f"no val images to check the int8 model on ({err})"}
-    reference, quantised = _float_and_int8(session, model, meta, sample, options)
-    report = {name: compute_metrics(sample.labels, _as_probs(outputs, options.softmax), meta.classes, meta.train_counts)
-              for name, outputs in (("float", reference), ("int8", quantised))}
-    change = {key: _change(report["float"][key], report["int8"][key]) for key in ("balanced_accuracy", "tail_recall")}
-    result = {
-        "source": sample.source,
-        "float": {key: report["float"][key] for key in ("balanced_accuracy", "tail_recall")},
-        "int8": {key: report["int8"][key] for key in ("balanced_accuracy", "tail_recall")},
-        "change": change,
-        "per_class_recall_change": {
-            row["name"]: _change(row["recall"], q["recall"]) for row, q in zip(report["float"]["per_class"], report["int8"]["per_class"])
-        },
-    }
-    check_int8_drop(change, options, sample.source)
-    return result
-
-
-def check_int8_drop(change: dict[str, float | None], options: ExportOptions, source: str) -> None:
-    """Refuse an int8 model that loses more val balanced accuracy or tail recall than the limits (unless allowed)."""
-    limits = {"balanced_accuracy": (options.max_int8_drop, "--max-int8-drop"), "tail_recall": (options.max_int8_tail_drop, "--max-int8-tail-drop")}
-    too_much = [key for key, (limit, _) in limits.items() if change.get(key) is not None and -change[key] > limit + 1e-12]
-    if too_much and not options.allow_int8_drop:
-        key = too_much[0]
-        limit, flag = limits[key]
-        raise FoproError(
-            f"int8 loses {-100 * change[key]:.1f} points of {key.replace('_', ' ')} on val ({source}), more than {flag} "
-            f"{100 * limit:.1f}: nothing was written; export fp32 / fp16, or pass --allow-int8-drop"
-        )
-
-
-def _as_probs(outputs: np.ndarray, softmax_included: bool) -> np.ndarray:
-    return outputs if softmax_included else torch.softmax(torch.from_numpy(outputs).double(), dim=1).numpy()
-
-
-def _change(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else after - before
-
-
-def _float_and_int8(session: Any, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> tuple[np.ndarray, np.ndarray]:
-    """The PyTorch student's outputs and the int8 session's on the same images."""
-    quantised = run_batched(session, graph_input(sample.images, meta.preprocess, options.include_preprocess), options.batch)
-    return torch_outputs(model, meta, sample.images, options.softmax), quantised
-
-
-def _int8_accuracy(session: Any, model: nn.Module, meta: CheckpointMeta, sample: Sample, options: ExportOptions) -> dict:
-    """Top-1 agreement of the int8 model with the float model, and both accuracies, on the calibration images."""
-    reference, quantised = _float_and_int8(session, model, meta, sample, options)
-    result: dict[str, Any] = {"images": len(quantised), "source": sample.source}
-    result.update(compare(reference, quantised))
-    accuracy_float = float((reference.argmax(1) == sample.labels).mean())
-    accuracy_int8 = float((quantised.argmax(1) == sample.labels).mean())
-    result.update(accuracy_float=accuracy_float, accuracy_int8=accuracy_int8, accuracy_change=accuracy_int8 - accuracy_float)
-    return result

@@ -25,7 +25,8 @@ from fopro.cli import app
 from fopro.data import DataOptions
 from fopro.errors import FoproError
 from fopro.evaluate import load_predictor
-from fopro.export import ExportOptions, export_onnx
+from fopro.export import export_onnx
+from fopro.export_options import ExportOptions
 from fopro.onnx_model import OnnxPredictor
 
 CLASSES = ["akiec", "bcc", "mel"]
@@ -202,7 +203,7 @@ def test_fp16_and_int8_report_agreement(checkpoints, data_root, tmp_path):
 
 
 def test_int8_that_loses_too_much_on_val_is_refused():
-    from fopro.export import check_int8_drop
+    from fopro.quantize import check_int8_drop
 
     options = ExportOptions(int8=True)
     check_int8_drop({"balanced_accuracy": -0.005, "tail_recall": -0.02}, options, "val")  # within 1 and 3 points

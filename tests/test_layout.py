@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fopro"
 # private torch constant that may move between versions (guarded by ImportError), the optional pydicom, and the
 # optional trackers of --tracking (fopro[tensorboard], fopro[mlflow])
 ALLOWED_LOCAL_IMPORTS = {("plots", "matplotlib"), ("plots", "matplotlib.pyplot"), ("plots", "matplotlib.colors"),
-                         ("export", "torch.onnx._constants"), ("data.dicom", "pydicom"),
+                         ("export_options", "torch.onnx._constants"), ("data.dicom", "pydicom"),
                          ("tracking", "torch.utils.tensorboard"), ("tracking", "mlflow"), ("tracking", "mlflow.entities")}
 
 
@@ -66,6 +66,8 @@ def test_the_library_never_imports_the_cli() -> None:
         ("fopro.run_summary", "fopro.probe.frequency"),
         ("fopro.run_state", "fopro.probe.frequency"),
         ("fopro.evaluate", "fopro.export"),
+        ("fopro.evaluate", "fopro.quantize"),
+        ("fopro.evaluate", "fopro.export_check"),
         ("fopro.probe.file", "torch"),
         ("fopro.probe.crossval", "torch"),
         ("fopro.operating_points", "torch"),

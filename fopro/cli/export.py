@@ -12,7 +12,8 @@ from fopro.cli.common import cli_errors, console, print_json, progress_bar, with
 from fopro.cli.render import fmt
 from fopro.data import DataOptions
 from fopro.errors import FoproError
-from fopro.export import DEFAULT_OPSET, ExportOptions, export_onnx
+from fopro.export import export_onnx
+from fopro.export_options import DEFAULT_OPSET, ExportOptions
 
 
 def parse_batch(value: str) -> int | None:
