@@ -186,9 +186,11 @@ def local_batches(run: Run) -> list[list[int]]:
     return [batch[env.rank * size : (env.rank + 1) * size] for batch in epoch_batches(order, size * env.world_size)]
 
 
-def steps_done(run: Run) -> int:
-    """Optimisation steps done so far, over all epochs (the x axis of the tracked curves)."""
-    return run.epoch * len(local_batches(run)) + run.step
+def steps_done(run: Run, steps_per_epoch: int | None = None) -> int:
+    """Optimisation steps done so far, over all epochs (the x axis of the tracked curves; the schedule's position)."""
+    if steps_per_epoch is None:
+        steps_per_epoch = len(local_batches(run))
+    return run.epoch * steps_per_epoch + run.step
 
 
 def optimizers_of(run: Run) -> dict[str, torch.optim.Optimizer]:

@@ -128,12 +128,11 @@ def train_epoch(run: Run, scaler: torch.amp.GradScaler, flag: dict[str, bool], p
     running = run.running
     started, seen, info = time.perf_counter(), 0, ""
     all_epochs = "the only epoch" if config.epochs == 1 else f"all {config.epochs} epochs"
-    total_steps_done = run.epoch * len(batches) + run.step
-    progress(all_epochs, total_steps_done, total_steps)
+    progress(all_epochs, steps_done(run, len(batches)), total_steps)
     progress(f"epoch {run.epoch + 1}/{config.epochs}", run.step, len(batches))
     for images, labels in loader:
         torch.manual_seed(step_seed(config.seed, run.epoch, run.step))
-        global_step = run.epoch * len(batches) + run.step
+        global_step = steps_done(run, len(batches))
         factor = lr_factor(global_step, total_steps, warmup, config.schedule)
         set_step_schedule(method, run.optimizer, run.lr, factor, adversary_ramp(global_step, warmup, len(batches)))
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
