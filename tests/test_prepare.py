@@ -19,6 +19,9 @@ from fopro.data import DataOptions, ImageDataset, load_image, load_splits
 from fopro.data.cache import INDEX_FILE, read_index
 from fopro.data.prepare import PrepareOptions, prepare_cache
 from fopro.errors import FoproError
+from fopro.models.teacher import TeacherOptions
+from fopro.probe.frequency import run_probe
+from fopro.probe.options import ProbeOptions
 from fopro.train import train
 from helpers import one_line, truncate, write_csv
 
@@ -120,6 +123,17 @@ def test_distill_on_the_cache_gives_the_same_metrics(isic, cache, distill_teache
     files, cached = val_metrics(tmp_path / "files"), val_metrics(tmp_path / "cache")
     assert "balanced_accuracy" in files[0]["val"] and files[0]["train"]
     assert cached == files
+
+
+def test_probe_on_the_cache_gives_the_same_result(isic, cache, distill_teacher) -> None:
+    """`fopro probe` reads the cache like the files (at the teacher's 32-px input: the cache's size): same scores."""
+    options = ProbeOptions(bands=2, gains="0,2", per_class=2, folds=2, neighbours=1, linear_views=1)
+    with torch_threads(1):
+        on_files = run_probe(TeacherOptions(str(distill_teacher)), data_options(isic), options)
+        on_cache = run_probe(TeacherOptions(str(distill_teacher)), DataOptions(data=cache), options)
+    keys = ("clean", "results", "linear_probe")
+    assert on_files["linear_probe"]["num_images"] == 6 and len(on_files["results"]) == 4
+    assert {k: on_cache[k] for k in keys} == {k: on_files[k] for k in keys}
 
 
 def test_a_size_other_than_the_caches_is_refused(cache) -> None:
