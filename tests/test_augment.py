@@ -113,7 +113,7 @@ def draws_of(image: torch.Tensor, config: AugmentConfig, count: int) -> list[tor
 @pytest.mark.parametrize(
     "preset, knobs, message",
     [
-        ("radiographs", {}, r"--augment radiographs is not known: choose one of standard, dermoscopy, endoscopy, radiograph, none"),
+        ("radiographs", {}, r"--augment radiographs is not known: choose one of standard, dermoscopy, endoscopy, radiograph, reference, none"),
         ("standard", {"hflip": 1.5}, r"--hflip 1.5 is not a probability"),
         ("standard", {"vflip": -0.1}, r"--vflip -0.1 is not a probability"),
         ("standard", {"rotate": 181}, r"--rotate 181 is outside \[0, 180\]"),
@@ -171,3 +171,27 @@ def test_augmentation_is_saved_in_config_json_and_the_checkpoint(tmp_path: Path,
     assert meta["config"]["augmentation"] == {**PRESETS["radiograph"].as_dict(), "hflip": 0.0, "scale": [0.9, 1.0]}
     assert summary["augmentation"]["preset"] == "radiograph" and summary["augmentation"]["rotate"] == 10.0
     assert summary["augmentation_text"].startswith("radiograph, with knobs (crop area 0.9-1")
+
+
+def test_one_of_applies_exactly_one_transform_per_image():
+    """one_of with two sure flips: each image is flipped one way, never both, never neither; each way about half."""
+    image = quadrant_image()
+    results = [orientation(out) for out in draws(AugmentConfig(hflip=1.0, vflip=1.0, one_of=True))]
+    assert set(results) == {(False, True), (True, False)}
+    assert 0.4 < results.count((False, True)) / DRAWS < 0.6
+    # colour or flip: a flipped image keeps its colours exactly, a recoloured one keeps its orientation
+    for out in draws(AugmentConfig(hflip=1.0, color_jitter=0.5, one_of=True), 50):
+        assert torch.equal(out, image.flip(-1)) or (orientation(out) == (True, True) and not torch.equal(out, image))
+    # without one_of both flips apply to every image
+    assert {orientation(out) for out in draws(AugmentConfig(hflip=1.0, vflip=1.0), 20)} == {(False, False)}
+
+
+def test_reference_preset_is_the_authors_one_of_transform():
+    config = PRESETS["reference"]
+    assert config.one_of and config.transforms == ("affine", "hflip", "vflip", "colour") and not config.rot90
+    assert (config.rotate, config.translate, config.color_jitter) == (45.0, 0.05, 0.25)
+    assert describe("reference", config).endswith("colour jitter 0.25, one of these per image)")
+    results = [orientation(out) for out in draws(config)]
+    # a flip is chosen for half of the images and then applied with p 0.5: about a quarter are mirrored
+    assert 0.12 < 1 - results.count((True, True)) / DRAWS < 0.4
+    assert (False, False) not in results

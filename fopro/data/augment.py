@@ -29,7 +29,9 @@ class AugmentConfig:
     scale: area fraction of the random crop (RandomResizedCrop's `scale`; (1, 1) keeps the whole image);
     ratio: its aspect-ratio range; translate: random shift as a fraction of the image side; rotate:
     uniform rotation in [-rotate, +rotate] degrees; rot90: a random multiple of 90 degrees; hflip / vflip:
-    flip probabilities; color_jitter: brightness, contrast and saturation factors in [1 - f, 1 + f].
+    flip probabilities; color_jitter: brightness, contrast and saturation factors in [1 - f, 1 + f];
+    one_of: apply only ONE of the enabled transforms (zoom + shift + rotation as one affine, right-angle turn,
+    hflip, vflip, colour), chosen uniformly per image, like torchvision's RandomChoice.
     """
 
     scale: tuple[float, float] = (1.0, 1.0)
@@ -40,6 +42,7 @@ class AugmentConfig:
     hflip: float = 0.0
     vflip: float = 0.0
     color_jitter: float = 0.0
+    one_of: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -53,6 +56,18 @@ class AugmentConfig:
     def flips_or_turns(self) -> bool:
         return self.hflip > 0 or self.vflip > 0 or self.rot90
 
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """The enabled transforms, in the order they are applied (what `one_of` chooses from)."""
+        enabled = {
+            "affine": self.scale != (1.0, 1.0) or self.translate > 0 or self.rotate > 0,
+            "rot90": self.rot90,
+            "hflip": self.hflip > 0,
+            "vflip": self.vflip > 0,
+            "colour": self.color_jitter > 0,
+        }
+        return tuple(name for name, on in enabled.items() if on)
+
 
 PRESETS: dict[str, AugmentConfig] = {
     # small shifts and zoom only: preserves orientation and colour, safe on any image
@@ -63,6 +78,10 @@ PRESETS: dict[str, AugmentConfig] = {
     "endoscopy": AugmentConfig(scale=(0.7, 1.0), translate=0.05, rotate=45.0, hflip=0.5, vflip=0.5, color_jitter=0.05),
     # anatomy has a side and an up: no flips, small rotation and zoom, no colour
     "radiograph": AugmentConfig(scale=(0.8, 1.0), translate=0.05, rotate=10.0),
+    # the FoPro-KD authors' ISIC training transform, as far as the knobs express it: ONE of affine (zoom 0.95-1.2,
+    # here as crop area 1/1.2^2-1 since the crop cannot zoom out; shift 5 %; rotation 45 degrees), colour jitter 0.25,
+    # horizontal flip, vertical flip (each flip with probability 0.5 once chosen)
+    "reference": AugmentConfig(scale=(0.69, 1.0), translate=0.05, rotate=45.0, hflip=0.5, vflip=0.5, color_jitter=0.25, one_of=True),
     "none": AugmentConfig(),
 }
 DEFAULT_PRESET = "standard"
@@ -71,6 +90,7 @@ PRESET_HELP = {
     "dermoscopy": "flips, 90-degree turns, rotation within 45 degrees, zoom, mild colour",
     "endoscopy": "flips, rotation within 45 degrees, zoom, very mild colour",
     "radiograph": "no flips, rotation within 10 degrees, zoom, no colour",
+    "reference": "the FoPro-KD authors' ISIC transform: ONE of zoom/shift/rotation within 45 degrees, colour 0.25, hflip, vflip per image",
     "none": "no augmentation",
 }
 KNOBS = ("hflip", "vflip", "rotate", "scale", "color_jitter")
@@ -116,17 +136,18 @@ def augment(image: torch.Tensor, generator: torch.Generator, config: AugmentConf
     3xSxS image in [0, 1], drawing only from `generator` (a fixed number of draws whatever the config)."""
     geometry = torch.rand(8, generator=generator).tolist()
     draws = torch.rand(7, generator=generator).tolist()
-    theta = _affine(geometry, config)
+    chosen = _chosen(draws[6], config)
+    theta = _affine(geometry, config) if "affine" in chosen else None
     if theta is not None:
         grid = F.affine_grid(theta[None], [1, *image.shape], align_corners=False)
         image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
-    if config.rot90:
+    if "rot90" in chosen:
         image = torch.rot90(image, int(draws[0] * 4) % 4, dims=(-2, -1))
-    if draws[1] < config.hflip:
+    if "hflip" in chosen and draws[1] < config.hflip:
         image = image.flip(-1)
-    if draws[2] < config.vflip:
+    if "vflip" in chosen and draws[2] < config.vflip:
         image = image.flip(-2)
-    if config.color_jitter > 0:
+    if "colour" in chosen:
         brightness, contrast, saturation = (1 + config.color_jitter * (2 * torch.tensor(draws[3:6]) - 1)).tolist()
         image = image * brightness
         mean = image.mean()
@@ -134,6 +155,14 @@ def augment(image: torch.Tensor, generator: torch.Generator, config: AugmentConf
         gray = image.mean(dim=0, keepdim=True)
         image = (image - gray) * saturation + gray
     return image.clamp(0, 1)
+
+
+def _chosen(u: float, config: AugmentConfig) -> tuple[str, ...]:
+    """The transforms applied to this image: all the enabled ones, or with `one_of` the one that `u` picks."""
+    enabled = config.transforms
+    if not config.one_of or not enabled:
+        return enabled
+    return (enabled[min(int(u * len(enabled)), len(enabled) - 1)],)
 
 
 def _affine(u: list[float], config: AugmentConfig) -> torch.Tensor | None:
@@ -168,5 +197,7 @@ def describe(preset: str, config: AugmentConfig) -> str:
     turns = (["90-degree turns"] if config.rot90 else []) + ([f"rotation <= {config.rotate:g} deg"] if config.rotate else [])
     parts.append(", ".join(turns) if turns else "no rotation")
     parts.append(f"colour jitter {config.color_jitter:g}" if config.color_jitter else "no colour")
+    if config.one_of:
+        parts.append("one of these per image")
     changed = "" if config == PRESETS.get(preset) else ", with knobs"
     return f"{preset}{changed} ({', '.join(parts)})"
