@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import socket
 import sys
 from pathlib import Path
 
@@ -261,6 +262,12 @@ def test_pretrained_teacher_offline_is_a_clear_error(tmp_path: Path, monkeypatch
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the offline test tried to open a network connection")
+
+    # pretrained=True is the point here (the hub path's offline error); any connection attempt fails the test
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(FoproError, match="pretrained weights of resnet10t.*offline") as info:
         load_teacher(TeacherOptions("resnet10t", pretrained=True), SIZE)
     assert "\n" not in str(info.value)
