@@ -129,7 +129,7 @@ def preset(args: argparse.Namespace) -> Scale:
         scale = Scale(name="full (GPU)", synth=list(PROTOCOL_SYNTH), teacher="resnet50", epochs=100, teacher_epochs=30, device="cuda")
     else:
         scale = Scale(name="default (2 CPU cores)", synth=list(PROTOCOL_SYNTH))
-    for key in ("image_size", "student", "teacher", "epochs", "teacher_epochs", "batch_size", "lr", "device"):
+    for key in ("image_size", "student", "teacher", "epochs", "teacher_epochs", "batch_size", "lr", "augment", "device"):
         value = getattr(args, key)
         if value is not None:
             setattr(scale, key, value)
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="Teacher timm model, trained on the public corpus (default resnet26; --full resnet50; --quick resnet10t).")
     parser.add_argument("--batch-size", type=int, help="Batch size of every run (default 32; --quick 8).")
     parser.add_argument("--lr", type=float, help="Adam learning rate of every student (default: fopro's --lr auto).")
+    parser.add_argument("--augment", help="Augmentation preset of every student (default dermoscopy; the teacher keeps dermoscopy).")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu; --full cuda).")
     parser.add_argument("--dry-run", action="store_true", help="Print the scale and the time estimate, run nothing.")
     scale_group = parser.add_mutually_exclusive_group()
