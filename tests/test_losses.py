@@ -138,14 +138,18 @@ def test_weighted_alignment_terms_match_numpy():
     assert math.isclose(float(cosine_distance(ta, tb, torch.full((5,), 2.0))), float(cosine_distance(ta, tb)), rel_tol=1e-6)
 
 
-def test_balanced_align_weights_reach_the_ekd_step():
-    """method ekd with align_weights balanced: its kd part is the class-weighted mean of the per-image distances."""
+def _ekd_parts():
+    """A seeded test_resnet student and teacher, a 3-class balanced softmax and a batch of 4 images."""
     torch.manual_seed(0)
     student, preprocess = create_student(StudentOptions("test_resnet", image_size=32), 3)
-    teacher_model = timm.create_model("test_resnet", num_classes=0)
-    teacher = Teacher(teacher_model, Preprocess(32, (0.5,) * 3, (0.5,) * 3), "test_resnet")
+    teacher = Teacher(timm.create_model("test_resnet", num_classes=0), Preprocess(32, (0.5,) * 3, (0.5,) * 3), "test_resnet")
     sup = SupervisedLoss("balanced_softmax", [6, 3, 1])
-    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
+    return student, preprocess, teacher, sup, torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
+
+
+def test_balanced_align_weights_reach_the_ekd_step():
+    """method ekd with align_weights balanced: its kd part is the class-weighted mean of the per-image distances."""
+    student, preprocess, teacher, sup, images, labels = _ekd_parts()
     parts, distances = {}, {}
     for weights in ("none", "balanced"):
         method = build_method(MethodConfig(name="ekd", align_weights=weights), student, preprocess, sup, teacher, None)
@@ -164,11 +168,7 @@ def test_balanced_align_weights_reach_the_ekd_step():
 
 def test_ekd_without_second_head_is_supervision_plus_alignment():
     """second_head False (--no-second-head): no fc_t, no sup_t part, loss = L_sup(fc(f)) + lambda * (2 - 2 cos)."""
-    torch.manual_seed(0)
-    student, preprocess = create_student(StudentOptions("test_resnet", image_size=32), 3)
-    teacher = Teacher(timm.create_model("test_resnet", num_classes=0), Preprocess(32, (0.5,) * 3, (0.5,) * 3), "test_resnet")
-    sup = SupervisedLoss("balanced_softmax", [6, 3, 1])
-    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 2])
+    student, preprocess, teacher, sup, images, labels = _ekd_parts()
     with_head = build_method(MethodConfig(name="ekd"), student, preprocess, sup, teacher, None)
     without = build_method(MethodConfig(name="ekd", ekd_weight=2.0, second_head=False), student, preprocess, sup, teacher, None)
     assert with_head.heads.fc_t is not None and without.heads.fc_t is None
