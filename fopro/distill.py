@@ -127,5 +127,5 @@ def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progres
         config.augment = DEMO_AUGMENT
     return config, default.notes + [
         f"student {config.student}, {config.epochs} epoch(s) at {config.image_size} px on the synthetic data"
-        + ("" if augment_given else f", --augment {DEMO_AUGMENT} (lesion-like images have no orientation)")
+        + ("" if augment_given else f", --augment {DEMO_AUGMENT} (chosen on the synthetic val split)")
     ]

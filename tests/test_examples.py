@@ -171,7 +171,7 @@ def test_presets_and_estimate():
     default = run()
     assert default.returncode == 0, default.stderr
     assert "target train 1028" in default.stdout and "public train 3000" in default.stdout
-    assert "teacher resnet26: 6 epochs" in default.stdout and "student resnet18: 15 epochs, batch 32, lr auto, --augment dermoscopy" in default.stdout
+    assert "teacher resnet26: 6 epochs" in default.stdout and "student resnet18: 15 epochs, batch 32, lr auto, --augment reference" in default.stdout
     assert "21 student runs" in default.stdout and "val 800, test 800" in default.stdout
     minutes = int(re.search(r"estimate on 2 CPU cores: ~(\d+) min", default.stdout).group(1))
     assert 40 <= minutes <= 120
