@@ -100,7 +100,7 @@ class Scale:
     teacher_augment: str = "dermoscopy"
     batch_size: int = 32
     lr: float | None = None  # None: fopro's --lr auto
-    augment: str = "reference"  # the authors' transform: chosen on val over dermoscopy (0.6, results.md)
+    augment: str = "reference"  # the authors' transform: chosen on val over dermoscopy (examples/results/synthetic_lt_06)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     device: str = "cpu"

@@ -35,7 +35,7 @@ DEMO_TEACHER_EPOCHS = 6
 DEMO_STUDENT = "resnet10t"  # smaller than the teacher (4.9 M vs 11.2 M parameters), and fast enough for the demo
 DEMO_EPOCHS = 5
 # The demo student's augmentation: the authors' transform, chosen on the synthetic protocol's VAL split over
-# 3 seeds (examples/results/synthetic_lt/results.md): it beat dermoscopy for the plain, EKD and fopro students.
+# 3 seeds (examples/results/synthetic_lt_06/results.md): it beat dermoscopy for the plain, EKD and fopro students.
 DEMO_AUGMENT = "reference"
 DEMO_TEACHER_AUGMENT = "dermoscopy"  # how the shipped demo teacher was pre-trained (lesion-like: no orientation)
 REMAKE = "reinstall fopro, or remake it with python scripts/make_demo_teacher.py"
