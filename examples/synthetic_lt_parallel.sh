@@ -10,7 +10,8 @@
 # 1. data, teacher and probe (and the first student run) by one synthetic_lt.py process;
 # 2. every other (method, seed) as its own synthetic_lt.py process, all at once, one core each;
 # 3. one synthetic_lt.py process over all methods and seeds: skips the runs, writes results.md/json/png.
-# DEADLINE (seconds, default none) stops step 2 there and goes on to step 3 with the runs that finished.
+# DEADLINE (seconds, default none) stops the runs still going at that time and skips step 3 (a stopped run resumes
+# on the next call). PYTHON (default python3) is the interpreter that has fopro's dependencies.
 set -euo pipefail
 out=$1 methods=$2 seeds=$3
 shift 3
@@ -31,7 +32,14 @@ OMP_NUM_THREADS=1 setsid "${PYTHON:-python3}" "$here/synthetic_lt.py" --out "$ou
   >"$out/logs/$first_method-seed$first_seed.log" 2>&1 &
 first=$!
 while [ ! -f "$out/probe/probe.json" ]; do  # the others start once data, teacher and probe exist
-  if ! kill -0 "$first" 2>/dev/null; then wait "$first" || { tail -20 "$out/logs/$first_method-seed$first_seed.log"; exit 1; }; fi
+  if ! kill -0 "$first" 2>/dev/null; then
+    code=0
+    wait "$first" || code=$?
+    [ -f "$out/probe/probe.json" ] && break
+    tail -20 "$out/logs/$first_method-seed$first_seed.log" >&2
+    echo "error: the first process (exit code $code) ended before $out/probe/probe.json existed; its log: $out/logs/$first_method-seed$first_seed.log" >&2
+    exit 1
+  fi
   sleep 2
 done
 

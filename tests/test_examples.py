@@ -284,3 +284,43 @@ def test_isic_run_sh_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr
     call = " ".join(json.loads(log.read_text().splitlines()[0]))
     assert f"--teacher vit_small_patch14_dinov2 --teacher-weights {weights} --teacher-image-size 224" in call
+
+
+PARALLEL_SH = REPO / "examples" / "synthetic_lt_parallel.sh"
+needs_parallel_tools = pytest.mark.skipif(
+    not all(shutil.which(tool) for tool in ("bash", "taskset", "setsid")), reason="needs bash, taskset and setsid (util-linux)"
+)
+
+
+def run_parallel(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(PARALLEL_SH), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_parallel_tools
+def test_parallel_protocol_fills_the_same_folder_as_the_script(quick_run, tmp_path):
+    out, _ = quick_run
+    parallel = tmp_path / "lt"
+    parallel.mkdir()
+    for shared in ("data", "teacher", "probe"):  # the quick protocol's, so only the student runs are made here
+        (parallel / shared).symlink_to(out / shared, target_is_directory=True)
+    proc = run_parallel(str(parallel), "none", "1,2", "--quick")
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    for seed in (1, 2):
+        assert (parallel / "runs" / f"none-seed{seed}" / "eval_test.json").is_file()
+        assert "train student none, seed" in (parallel / "logs" / f"none-seed{seed}.log").read_text()
+    results = json.loads((parallel / "results.json").read_text())
+    assert list(results["methods"]) == ["none"] and results["scale"]["seeds"] == [1, 2]
+    assert [run["seed"] for run in results["methods"]["none"]["runs"]] == [1, 2]
+    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--methods", "none", "--seeds", "1,2", "--out", str(parallel)],
+                           cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "$ fopro" not in again.stdout  # the plain script finds every step of the parallel one done
+
+
+@needs_parallel_tools
+def test_parallel_protocol_stops_when_the_first_process_makes_no_probe(tmp_path):
+    proc = run_parallel(str(tmp_path / "lt"), "none", "0", "--quick", "--dry-run", timeout=120)
+    assert proc.returncode == 1
+    assert "ended before" in proc.stderr and "probe.json" in proc.stderr
+    assert not (tmp_path / "lt" / "runs").exists()
