@@ -13,6 +13,10 @@
 # DEADLINE (seconds, default none) stops the runs still going at that time and skips step 3 (a stopped run resumes
 # on the next call). PYTHON (default python3) is the interpreter that has fopro's dependencies.
 set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: $0 OUT METHODS SEEDS [synthetic_lt.py options...]   (e.g. $0 /tmp/lt none,ekd 0,1,2 --device cuda)" >&2
+  exit 2
+fi
 out=$1 methods=$2 seeds=$3
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,9 +24,13 @@ cores=$(nproc)
 started=$(date +%s)
 left() { if [ -n "${DEADLINE:-}" ]; then echo $((DEADLINE - ($(date +%s) - started))); else echo 1000000; fi; }
 
-mkdir -p "$out/configs" "$out/logs"
 IFS=, read -r -a method_list <<<"$methods"
 IFS=, read -r -a seed_list <<<"$seeds"
+for method in "${method_list[@]}"; do
+  config="$here/configs/synthetic_lt/$method.yaml"
+  [ -f "$config" ] || { echo "error: unknown method '$method' in METHODS: there is no $config" >&2; exit 2; }
+done
+mkdir -p "$out/configs" "$out/logs"
 for method in "${method_list[@]}"; do  # copied once here, so that parallel processes never write them
   cp "$here/configs/synthetic_lt/$method.yaml" "$out/configs/"
 done
@@ -31,6 +39,7 @@ first_method=${method_list[0]} first_seed=${seed_list[0]}
 OMP_NUM_THREADS=1 setsid "${PYTHON:-python3}" "$here/synthetic_lt.py" --out "$out" --methods "$first_method" --seeds "$first_seed" "$@" \
   >"$out/logs/$first_method-seed$first_seed.log" 2>&1 &
 first=$!
+declare -A run_of=(["$first"]="$first_method-seed$first_seed")
 while [ ! -f "$out/probe/probe.json" ]; do  # the others start once data, teacher and probe exist
   if ! kill -0 "$first" 2>/dev/null; then
     code=0
@@ -51,6 +60,7 @@ for method in "${method_list[@]}"; do
     OMP_NUM_THREADS=1 setsid taskset -c "$slot" "${PYTHON:-python3}" "$here/synthetic_lt.py" --out "$out" --methods "$method" --seeds "$seed" "$@" \
       >"$out/logs/$method-seed$seed.log" 2>&1 &
     pids+=($!)
+    run_of[$!]="$method-seed$seed"
   done
 done
 status=0
@@ -63,7 +73,10 @@ for pid in "$first" "${pids[@]}"; do
     status=1
     break
   fi
-  wait "$pid" || status=1
+  if ! wait "$pid"; then
+    echo "error: run ${run_of[$pid]} failed; its log: $out/logs/${run_of[$pid]}.log" >&2
+    status=1
+  fi
 done
 
 finished=()

@@ -324,3 +324,12 @@ def test_parallel_protocol_stops_when_the_first_process_makes_no_probe(tmp_path)
     assert proc.returncode == 1
     assert "ended before" in proc.stderr and "probe.json" in proc.stderr
     assert not (tmp_path / "lt" / "runs").exists()
+
+
+@needs_parallel_tools
+def test_parallel_protocol_refuses_bad_arguments_before_writing(tmp_path):
+    usage = run_parallel(timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    unknown = run_parallel(str(tmp_path / "lt"), "none,bogus", "0", timeout=30)
+    assert unknown.returncode == 2 and "unknown method 'bogus'" in unknown.stderr
+    assert not (tmp_path / "lt").exists()
