@@ -14,6 +14,7 @@ from torch import nn
 from fopro.config import DistillConfig
 from fopro.data import ImageDataset, Splits, checked_dataset, load_splits, read_unlabeled
 from fopro.data.augment import AugmentConfig
+from fopro.data.synth import is_synth_corpus
 from fopro.distributed import SINGLE, DistEnv, average_gradients, device_for
 from fopro.errors import FoproError
 from fopro.fpg import FourierPromptGenerator
@@ -156,7 +157,7 @@ def config_warnings(config: DistillConfig, augmentation: AugmentConfig) -> list[
             "warning: --balanced-sampler with --loss balanced_softmax corrects the class imbalance twice (rare classes end up "
             "over-predicted): use --loss ce with --balanced-sampler, or drop --balanced-sampler"
         )
-    if augmentation.flips_or_turns:
+    if augmentation.flips_or_turns and not is_synth_corpus(config.data):  # fopro's synthetic lesions have no side or up
         warnings.append(
             f"augmentation {config.augment} flips or turns images: right only if orientation carries no label "
             "(lesions, cells); for radiographs or any image with a side and an up use --augment radiograph or standard"

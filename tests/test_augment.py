@@ -195,3 +195,19 @@ def test_reference_preset_is_the_authors_one_of_transform():
     # a flip is chosen for half of the images and then applied with p 0.5: about a quarter are mirrored
     assert 0.12 < 1 - results.count((True, True)) / DRAWS < 0.4
     assert (False, False) not in results
+
+
+def test_orientation_warning_is_for_images_with_a_side_not_for_the_synthetic_lesions(distill_data, tmp_path):
+    from fopro.run import config_warnings
+
+    def orientation_warnings(data: Path, augment: str) -> list[str]:
+        config = resolve_config({}, {"data": str(data), "augment": augment})
+        return [w for w in config_warnings(config, config.augment_config()) if "flips or turns" in w]
+
+    user_folder = tmp_path / "scans"  # any ImageFolder that fopro did not generate
+    user_folder.mkdir()
+    assert len(orientation_warnings(user_folder, "reference")) == 1
+    assert len(orientation_warnings(user_folder, "dermoscopy")) == 1
+    assert orientation_warnings(user_folder, "radiograph") == []
+    assert orientation_warnings(distill_data, "reference") == []  # fopro data synth's target corpus (the demo's data)
+    assert orientation_warnings(distill_data.parent / "public", "dermoscopy") == []

@@ -387,6 +387,12 @@ def is_synth_dataset(out: Path) -> bool:
     return (out / SUMMARY_FILE).exists() or (out / "target").exists() or (out / "public").exists()
 
 
+def is_synth_corpus(root: str | Path | None) -> bool:
+    """True for a corpus folder (target/ or public/) that `generate_synth` wrote: lesion-like images whose
+    orientation carries no label."""
+    return root is not None and (Path(root).parent / SUMMARY_FILE).is_file()
+
+
 def generate_synth(out: Path, config: SynthConfig | None = None,
                    progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> dict:
     """Write the synthetic dataset under `out` (see the module docstring) and return its summary.
