@@ -26,14 +26,14 @@ left() { if [ -n "${DEADLINE:-}" ]; then echo $((DEADLINE - ($(date +%s) - start
 
 IFS=, read -r -a method_list <<<"$methods"
 IFS=, read -r -a seed_list <<<"$seeds"
+configs=()
 for method in "${method_list[@]}"; do
   config="$here/configs/synthetic_lt/$method.yaml"
   [ -f "$config" ] || { echo "error: unknown method '$method' in METHODS: there is no $config" >&2; exit 2; }
+  configs+=("$config")
 done
 mkdir -p "$out/configs" "$out/logs"
-for method in "${method_list[@]}"; do  # copied once here, so that parallel processes never write them
-  cp "$here/configs/synthetic_lt/$method.yaml" "$out/configs/"
-done
+cp "${configs[@]}" "$out/configs/"  # copied once here, so that parallel processes never write them
 
 first_method=${method_list[0]} first_seed=${seed_list[0]}
 OMP_NUM_THREADS=1 setsid "${PYTHON:-python3}" "$here/synthetic_lt.py" --out "$out" --methods "$first_method" --seeds "$first_seed" "$@" \
