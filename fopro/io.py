@@ -12,6 +12,12 @@ from typing import Any
 
 from fopro.errors import FoproError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -52,30 +58,21 @@ def write_json(path: str | Path, data: Any) -> None:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, option: str) -> Iterator[None]:
-    """Hold FOLDER/.fopro.lock (with this process id) while the block runs: a second fopro process that wants the
-    same folder stops with one line. A lock left by a process that no longer runs is taken over. A folder this
-    call created and left empty is removed again."""
+    """Hold FOLDER/.fopro.lock while the block runs: a second fopro process that wants the same folder stops with one
+    line naming the holder's process id. The lock is the operating system's (flock), so it dies with its process,
+    kill -9 included, and a process id reused after a restart (a container's) never keeps a folder locked. A folder
+    this call created and left empty is removed again."""
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is not None and _running(owner):
-                raise FoproError(f"{option} {folder} is in use by fopro process {owner}: wait for it to finish or choose another folder") from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-    else:
-        raise FoproError(f"{option} {folder}: cannot take its lock {lock}: choose another folder")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
+    fd = _take_lock(lock, option, folder)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        _release_lock(fd, lock)
         if created and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -83,23 +80,53 @@ def folder_lock(folder: str | Path, option: str) -> Iterator[None]:
 LOCK_NAME = ".fopro.lock"
 
 
+def _take_lock(lock: Path, option: str, folder: Path) -> int:
+    for _ in range(10):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            owner = _lock_owner(lock)
+            holder = f"fopro process {owner}" if owner is not None else "another fopro process"
+            raise FoproError(f"{option} {folder} is in use by {holder}: wait for it to finish or choose another folder")
+        if _is_same_file(fd, lock):
+            return fd
+        os.close(fd)  # its holder removed it between our open and our lock: take the new one
+    raise FoproError(f"{option} {folder}: cannot take its lock {lock}: choose another folder")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:  # BlockingIOError (flock), PermissionError (msvcrt): another process holds it
+        return False
+    return True
+
+
+def _release_lock(fd: int, lock: Path) -> None:
+    if fcntl is not None:  # removed while still held, so that no one can lock the removed file
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+    else:  # Windows removes no open file
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink(missing_ok=True)
+
+
+def _is_same_file(fd: int, lock: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(lock))
+    except FileNotFoundError:
+        return False
+
+
 def _lock_owner(lock: Path) -> int | None:
     try:
         return int(lock.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def check_output_folder(folder: str | Path, option: str, data_folders: Iterable[str | Path | None] = ()) -> None:

@@ -8,6 +8,7 @@ A few tests at the end check that `fopro --debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 
 from fopro.cli import app
 from fopro.errors import FoproError
+from fopro.io import folder_lock
 from helpers import make_image_folder, tiny_checkpoint, truncate, write_csv
 
 CLASSES = ["a", "b", "c"]
@@ -320,15 +322,21 @@ def _config_value(text: str, key: str, suffix: str = ".yaml") -> Build:
     return build
 
 
+_HELD_LOCKS: dict[Path, contextlib.AbstractContextManager] = {}
+
+
 def _run_folder_in_use(s, tmp):
     (tmp / "run").mkdir()
-    (tmp / "run" / ".fopro.lock").write_text(str(os.getpid()))  # a live fopro process holds it
+    held = folder_lock(tmp / "run", "--out")  # as a live fopro process holds it (flock is per open file)
+    held.__enter__()
+    _HELD_LOCKS[tmp] = held
     return distill_args(s, tmp), [f"--out {tmp / 'run'}", "is in use by fopro process"]
 
 
 def _lock_kept(s, tmp, message):
     assert (tmp / "run" / ".fopro.lock").read_text() == str(os.getpid()), "the other process's lock is left alone"
     assert sorted(p.name for p in (tmp / "run").iterdir()) == [".fopro.lock"], "nothing is written beside it"
+    _HELD_LOCKS.pop(tmp).__exit__(None, None, None)
 
 
 def _out_under_a_file(s, tmp):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,48 @@ def test_a_held_lock_stops_a_second_process(tmp_path: Path) -> None:
     assert not run.exists(), "a folder the lock created and nothing filled is removed"
 
 
-def test_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
+def test_a_stale_lock_is_taken_over_even_when_its_process_id_is_reused(tmp_path: Path) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
+    # a dead process's id, and a live one's (this process: a container restarted under the same id): neither holds it
+    for stale in (gone.pid, os.getpid()):
+        run = tmp_path / f"run{stale}"
+        run.mkdir()
+        (run / LOCK_NAME).write_text(str(stale))
+        with folder_lock(run, "--out"):
+            (run / "config.json").write_text("{}")
+            assert (run / LOCK_NAME).read_text() == str(os.getpid())
+        assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+HOLD_LOCK = """
+import sys
+from fopro.io import folder_lock
+with folder_lock(sys.argv[1], "--out"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_another_process_lock_stops_us_until_it_is_killed(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / LOCK_NAME).write_text(str(gone.pid))
-    with folder_lock(run, "--out"):
-        (run / "config.json").write_text("{}")
-        assert (run / LOCK_NAME).read_text() == str(os.getpid())
-    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FoproError, match=f"--out {run} is in use by fopro process {holder.pid}: wait"):
+            with folder_lock(run, "--out"):
+                pass
+        holder.kill()  # kill -9: no clean-up runs, the lock file stays
+        holder.wait()
+        assert (run / LOCK_NAME).read_text() == str(holder.pid)
+        with folder_lock(run, "--resume"):
+            assert (run / LOCK_NAME).read_text() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run / LOCK_NAME).exists()
 
 
 def test_output_folders_under_a_file_or_inside_the_data(tmp_path: Path) -> None:
