@@ -3,7 +3,8 @@
 Rank 0 records, keyed by the global step (optimisation steps done so far): the loss parts each time the training
 loop reads them and the learning rates; at the end of each epoch its metrics.jsonl line (val balanced accuracy,
 tail recall, per-class recall and the rest) and the FPG's mean mask as an image; the config (config.json) once;
-with MLflow the best checkpoint at the end. A resumed run continues the same tracking run.
+with MLflow the best checkpoint at the end. A resumed run continues the same tracking run, each step once (after a
+kill -9, MLflow continues in a copy of the run up to the resumed state: MlflowTracker.continue_run).
 The tracking packages are optional extras, imported only when their tracker is made.
 """
 
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +40,8 @@ REQUIRED_MODULES = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow", "sqlal
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/: the event files
 MLFLOW_DIR = "mlflow"  # RUN/mlflow/: mlflow.db (the store), artifacts/, run_id (the tracking run --resume continues)
 MLFLOW_EXPERIMENT = "fopro distill"
+MLFLOW_BATCH_PARAMS, MLFLOW_BATCH_METRICS = 100, 1000  # MLflow's limits on one log_batch
+RESUMED_FROM_TAG = "fopro.resumed_from"  # on a run that replaced another after a resume (MlflowTracker.continue_run)
 MASK_IMAGES = 32  # the FPG's mean mask is averaged over the first images of the val split (the same every epoch)
 MASK_PIXELS = 256  # and enlarged (nearest neighbour) to about this many pixels a side
 MLFLOW_PARAM_LENGTH = 6000  # MLflow's limit on a parameter's value
@@ -141,7 +145,8 @@ class MLflowTracker(Recorder):
         self.client = MlflowClient(tracking_uri=mlflow_uri(folder.parent))
         run_id_file = folder / "run_id"
         if resumed_at is not None and run_id_file.is_file():
-            self.run_id = run_id_file.read_text(encoding="utf-8").strip()
+            self.run_id = self.continue_run(run_id_file.read_text(encoding="utf-8").strip(), resumed_at, folder)
+            write_text(run_id_file, self.run_id + "\n")
             self.client.update_run(self.run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
@@ -151,6 +156,37 @@ class MLflowTracker(Recorder):
         self.run_id = self.client.create_run(experiment_id, run_name=folder.parent.name).info.run_id
         self.client.log_batch(self.run_id, params=[Param(key, value) for key, value in param_values(config).items()])
         write_text(run_id_file, self.run_id + "\n")
+
+    def continue_run(self, run_id: str, resumed_at: int, folder: Path) -> str:
+        """The run to continue from global step `resumed_at`. MLflow can add to a metric's history, never take from
+        it: when the interrupted attempt logged past `resumed_at` (a kill -9 between two saved states), what was
+        logged up to it (params, tags, metrics, images) is copied into a new run that replaces the old one, which is
+        deleted (MLflow's soft delete: `mlflow gc` removes it for good), so that every step appears once."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        old = self.client.get_run(run_id)
+        history = {key: self.client.get_metric_history(run_id, key) for key in old.data.metrics}
+        if all(m.step <= resumed_at for metrics in history.values() for m in metrics):
+            return run_id
+        tags = {**{k: v for k, v in old.data.tags.items() if k != "mlflow.runName"}, RESUMED_FROM_TAG: run_id}
+        new_id = self.client.create_run(old.info.experiment_id, run_name=old.info.run_name, tags=tags).info.run_id
+        params = [Param(key, value) for key, value in old.data.params.items()]
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for ms in history.values() for m in ms if m.step <= resumed_at]
+        for start in range(0, len(params), MLFLOW_BATCH_PARAMS):
+            self.client.log_batch(new_id, params=params[start:start + MLFLOW_BATCH_PARAMS])
+        for start in range(0, len(metrics), MLFLOW_BATCH_METRICS):
+            self.client.log_batch(new_id, metrics=metrics[start:start + MLFLOW_BATCH_METRICS])
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            copied = Path(self.client.download_artifacts(run_id, "", scratch))
+            for image in copied.glob("images/*"):
+                step = re.search(r"\+step\+(\d+)\+", image.name)
+                if step and int(step.group(1)) > resumed_at:
+                    image.unlink()
+            if any(copied.iterdir()):
+                self.client.log_artifacts(new_id, str(copied))
+        self.client.set_terminated(run_id, "KILLED")
+        self.client.delete_run(run_id)
+        return new_id
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

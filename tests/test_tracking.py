@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -148,6 +149,77 @@ def test_mlflow_records_one_run_with_params_metrics_images_and_the_best_checkpoi
         assert _sha(artifacts / "best" / name) == _sha(run_dir / name), name
     masks = sorted(p.name for p in (artifacts / "images").glob("*.png"))
     assert len(masks) == 1 and f"+step+{STEPS_PER_EPOCH}+" in masks[0]
+
+
+def _killed_then_resumed(values: dict, run_dir: Path, epoch: int) -> None:
+    """What kill -9 during `epoch` (after its step 2) leaves: the tracker has logged past the last saved state, which
+    is the previous epoch's end. Simulated by saving the run folder's files at step 1 of `epoch`, pressing Ctrl-C
+    after step 2, and putting the saved files back; then --resume to the end."""
+    saved = run_dir.parent / "saved"
+    sigint = _sigint_at(epoch=epoch, step=2)
+
+    def progress(description: str, done: int, total: int) -> None:
+        if f"epoch {epoch}/" in description and done == 1 and not saved.exists():
+            saved.mkdir()
+            for path in run_dir.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, saved / path.name)
+        sigint(description, done, total)
+
+    with pytest.raises(TrainingInterrupted):
+        train(resolve_config({}, values), run_dir, progress=progress)
+    for path in saved.iterdir():
+        shutil.copy2(path, run_dir / path.name)
+    result = CliRunner().invoke(app, ["distill", "--resume", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def test_tensorboard_after_a_kill_9_keeps_each_step_once(tmp_path, distill_values):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = distill_values(**TRACKED, epochs=2, tracking="tensorboard")
+    run_dir = tmp_path / "run"
+    _killed_then_resumed(values, run_dir, epoch=2)  # logged steps 4 and 5, resumes from the state of step 3
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/sup")] == [1, 3, 4, 6]
+    assert [e.step for e in events.Scalars("val/balanced_accuracy")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+
+
+def test_mlflow_after_a_kill_9_keeps_each_step_once_in_one_run(tmp_path, distill_values):
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    values = distill_values(**TRACKED, epochs=2, tracking="mlflow")
+    run_dir = tmp_path / "run"
+    _killed_then_resumed(values, run_dir, epoch=2)  # logged steps 4 and 5, resumes from the state of step 3
+    records = _metrics(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2]
+
+    client = MlflowClient(tracking_uri=mlflow_uri(run_dir))
+    experiment = client.get_experiment_by_name("fopro distill")
+    runs = client.search_runs([experiment.experiment_id])
+    deleted = client.search_runs([experiment.experiment_id], run_view_type=ViewType.DELETED_ONLY)
+    assert len(runs) == 1 and len(deleted) == 1  # the attempt that logged past its state is replaced, not shown
+    run = runs[0]
+    assert run.info.run_id == (run_dir / "mlflow" / "run_id").read_text().strip()
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.tags["fopro.resumed_from"] == deleted[0].info.run_id
+    config = json.loads((run_dir / "config.json").read_text())
+    assert run.data.params == {key: v if isinstance(v, str) else json.dumps(v) for key, v in config.items()}
+
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
+    for part in records[-1]["train"]:  # each epoch's first and last step once: 4 is not there twice, 5 not at all
+        assert [step for step, _ in history(f"train/{part}")] == [1, 3, 4, 6], part
+    epoch_ends = [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert history("val/balanced_accuracy") == [(step, pytest.approx(r["val"]["balanced_accuracy"]))
+                                                for step, r in zip(epoch_ends, records)]
+
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    masks = sorted(p.name for p in (artifacts / "images").glob("*.png"))
+    assert [int(name.split("+step+")[1].split("+")[0]) for name in masks] == epoch_ends
+    for name in ("best.safetensors", "best.json"):
+        assert _sha(artifacts / "best" / name) == _sha(run_dir / name), name
 
 
 def test_tensorboard_a_new_run_over_an_old_one_replaces_its_events(tmp_path):
