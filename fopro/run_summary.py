@@ -72,16 +72,19 @@ def calibrate_best(run: Run, progress: ProgressFn) -> dict[str, Any]:
 
 def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
     """The teacher probe scored on val and test: what a linear classifier on the frozen teacher's embeddings
-    of the (augmented) train split reaches, the reference for the student."""
+    of the (augmented) train split reaches, the reference for the student. Its L2 weight is chosen on val (so its
+    val numbers are a little optimistic, as the student's best epoch is; test is the clean comparison)."""
     eval_sets = {"val": run.val_set} if run.val_set is not None else {}
     if "test" in run.splits and len(run.splits["test"]):
         eval_sets["test"] = checked_dataset(run.splits["test"], run.config.image_size, run.config.skip_bad_images)
-    options = linear_probe.run_options(run.train_set, run.config.seed)
+    options = linear_probe.run_options(run.train_set)
     probe = run.teacher_probe if run.teacher_probe is not None else fit_teacher_probe(
-        run.teacher, run.train_set, run.train_counts, options, run.device, progress
+        run.teacher, run.train_set, run.train_counts, options, run.device, progress, select_set=run.val_set
     )
     scores = score_probe(
         probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.groups(),
         run.device, progress,
     )
-    return {"views": options.views, "splits": linear_probe.summarise_scores(scores)}
+    chosen_on = "val" if run.val_set is not None and len(run.val_set) else "cross-validation on train"
+    return {"views": options.views, "l2": probe.l2, "l2_chosen_on": chosen_on,
+            "l2_balanced_accuracy": {f"{k:g}": v for k, v in probe.selection.items()}, "splits": linear_probe.summarise_scores(scores)}

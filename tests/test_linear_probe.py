@@ -22,7 +22,6 @@ from fopro.linear_probe import (
     LinearProbe,
     LinearProbeOptions,
     embed,
-    epochs_for,
     fit_linear_probe,
     teacher_probe,
 )
@@ -33,7 +32,6 @@ from fopro.probe.frequency import run_probe
 from fopro.probe.options import ProbeOptions
 
 S = 32
-FAST = dict(min_steps=300)  # enough on the blobs below; keeps the tests fast
 
 
 def blobs(counts, seed, dim=16, sep=3.0, spread=1.0, centres_seed=0):
@@ -68,20 +66,49 @@ def test_separable_blobs_match_sklearn_logistic_regression():
     assert abs(ours - theirs) <= 0.05, (ours, theirs)
 
 
-def test_same_seed_same_weights_and_the_global_rng_untouched():
+def test_equal_counts_give_sklearns_l2_logistic_regression():
+    """With equal counts balanced softmax is cross-entropy, and mean loss + l2/2 ||W||^2 is scikit-learn's
+    multinomial LogisticRegression with C = 1 / (l2 N) (sum of losses + ||W||^2 / 2, intercept not penalised):
+    the same convex problem, so the same probabilities at the optimum."""
+    from sklearn.linear_model import LogisticRegression
+
+    counts = [50, 50, 50]
+    x, y = blobs(counts, seed=12, dim=6, sep=1.0, spread=1.5)
+    for l2 in (0.01, 1.0):
+        probe = fit_linear_probe(x, y, counts, LinearProbeOptions(l2_grid=(l2,)))
+        standardised = probe.standardise(torch.from_numpy(x)).numpy().astype(np.float64)
+        reference = LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(standardised, y)
+        np.testing.assert_allclose(probe.predict_proba(x), reference.predict_proba(standardised), atol=2e-4)
+        assert probe.l2 == l2 and probe.selection == {}
+
+
+def test_deterministic_and_the_global_rng_untouched():
     counts = [40, 20, 6]
     x, y = blobs(counts, seed=2, dim=8)
     state = torch.get_rng_state()
-    first = fit_linear_probe(x, y, counts, LinearProbeOptions(seed=3, **FAST))
-    second = fit_linear_probe(torch.from_numpy(x), y.tolist(), counts, LinearProbeOptions(seed=3, **FAST))
+    first = fit_linear_probe(x, y, counts)
+    second = fit_linear_probe(torch.from_numpy(x), y.tolist(), counts)
     assert torch.equal(torch.get_rng_state(), state)
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
-    other = fit_linear_probe(x, y, counts, LinearProbeOptions(seed=4, **FAST))
-    assert not torch.equal(first.linear.weight, other.linear.weight)
-    assert torch.equal(first.mean, other.mean) and torch.equal(first.std, other.std)  # standardisation: data only
-    torch.testing.assert_close(first.mean, torch.from_numpy(x).mean(dim=0))
+    torch.testing.assert_close(first.mean, torch.from_numpy(x).mean(dim=0))  # standardisation: data only
     assert not first.training and not any(p.requires_grad for p in first.parameters())
+
+
+def test_the_l2_weight_is_chosen_on_the_selection_split():
+    from sklearn.metrics import balanced_accuracy_score
+
+    counts = [200, 100, 30, 8, 5]
+    x, y = blobs(counts, seed=13, dim=32, sep=0.7, spread=1.5)
+    x_val, y_val = blobs([40] * len(counts), seed=14, dim=32, sep=0.7, spread=1.5)
+    grid = (0.001, 0.1, 10.0)
+    probe = fit_linear_probe(x, y, counts, LinearProbeOptions(l2_grid=grid), select=(x_val, y_val))
+    alone = {l2: fit_linear_probe(x, y, counts, LinearProbeOptions(l2_grid=(l2,))) for l2 in grid}  # each from zero
+    scores = {l2: balanced_accuracy_score(y_val, p.predict_proba(x_val).argmax(axis=1)) for l2, p in alone.items()}
+    assert probe.selection == pytest.approx(scores, abs=1 / 40)  # warm starts reach the same optima
+    assert len(set(scores.values())) > 1, scores  # the grid matters on these blobs
+    assert probe.l2 == max(grid, key=lambda l2: (probe.selection[l2], l2))
+    np.testing.assert_allclose(probe.predict_proba(x_val), alone[probe.l2].predict_proba(x_val), atol=1e-3)
 
 
 def test_balanced_softmax_lifts_the_tail_over_plain_cross_entropy():
@@ -101,7 +128,7 @@ def test_balanced_softmax_lifts_the_tail_over_plain_cross_entropy():
 def test_predict_proba_is_a_softmax():
     counts = [10, 5]
     x, y = blobs(counts, seed=7, dim=4)
-    probe = fit_linear_probe(x, y, counts, LinearProbeOptions(min_steps=20, epochs=1))
+    probe = fit_linear_probe(x, y, counts, LinearProbeOptions(max_iter=5))
     probs = probe.predict_proba(x)
     assert probs.shape == (15, 2) and probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
@@ -113,19 +140,10 @@ def test_predict_proba_is_a_softmax():
     np.testing.assert_allclose(untrained.predict_proba(x), 1 / 3)
 
 
-def test_small_train_sets_get_enough_steps():
-    assert epochs_for(20_000, LinearProbeOptions()) == 100  # 79 batches x 100 epochs >= 1000 steps
-    assert epochs_for(100, LinearProbeOptions()) == 1000  # 1 batch per epoch
-    assert epochs_for(100, LinearProbeOptions(min_steps=0, epochs=7)) == 7
-    counts = [10, 5]
-    x, y = blobs(counts, seed=8, dim=4)
-    assert fit_linear_probe(x, y, counts, LinearProbeOptions(epochs=2, min_steps=10)).epochs == 10
-
-
 @pytest.mark.parametrize("changes,option", [
     ({"views": 0}, "--linear-views"), ({"views": 1.5}, "--linear-views"), ({"views": True}, "--linear-views"),
-    ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"lr": 0.0}, "lr"), ({"lr": float("nan")}, "lr"),
-    ({"weight_decay": -1e-4}, "weight_decay"), ({"seed": -1}, "--seed"), ({"min_steps": -1}, "min_steps"),
+    ({"l2_grid": (-1e-4,)}, "l2_grid"), ({"l2_grid": (float("nan"),)}, "l2_grid"), ({"l2_grid": ()}, "l2_grid"),
+    ({"max_iter": 0}, "max_iter"),
 ])
 def test_bad_options(changes, option):
     from helpers import one_line
@@ -181,9 +199,9 @@ def test_teacher_probe_end_to_end(tiny):
     train_set = _train_set(splits)
     eval_sets = {split: checked_dataset(splits[split], S, False) for split in ("val", "test")}
     counts = splits["train"].class_counts()
-    options = LinearProbeOptions(views=2, **FAST)
+    options = LinearProbeOptions(views=2)
     result = teacher_probe(teacher, train_set, eval_sets, splits.classes, counts, LongTailGroups(head=100, tail=20), options, "cpu")
-    assert set(result) == {"options", "train_images", "views", "embed_dim", "epochs", "splits"}
+    assert set(result) == {"options", "train_images", "views", "embed_dim", "l2", "splits"}
     assert result["train_images"] == len(splits["train"]) == 31 and result["views"] == 2
     assert result["embed_dim"] == teacher.embed_dim and result["options"]["views"] == 2
     assert json.loads(json.dumps(result)) == result
@@ -217,7 +235,7 @@ def test_teacher_probe_views_need_augmentation(tiny):
         with pytest.raises(FoproError, match="--linear-views 2"):
             teacher_probe(teacher, plain, val, splits.classes, counts, options=LinearProbeOptions(views=2), device="cpu")
     one = teacher_probe(teacher, checked_dataset(splits["train"], S, False), val, splits.classes, counts,
-                        options=LinearProbeOptions(views=1, min_steps=50), device="cpu")
+                        options=LinearProbeOptions(views=1), device="cpu")
     assert one["views"] == 1 and set(one["splits"]) == {"val"}
     with pytest.raises(FoproError, match="one count per class"):
         teacher_probe(teacher, _train_set(splits), val, splits.classes, counts[:-1], device="cpu")
@@ -242,7 +260,7 @@ def test_cli_writes_the_linear_probe(distill_data, distill_teacher, tmp_path):
     assert linear["trained_on"] == "train" and linear["evaluated_on"] == "val"
     assert linear["views"] == 4 and linear["train_images"] == 31 and linear["augment"] == "standard"
     assert linear["num_images"] == 16  # the whole val split, not the --per-class selection
-    assert linear["options"]["views"] == 4 and linear["options"]["seed"] == 0
+    assert linear["options"]["views"] == 4 and linear["l2"] in linear["options"]["l2_grid"]
     for key in ("balanced_accuracy", "tail_recall", "macro_f1", "accuracy"):
         assert 0.0 <= linear[key] <= 1.0, key
     assert set(linear["group_recall"]) == {"head", "medium", "tail"}

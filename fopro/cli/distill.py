@@ -61,7 +61,8 @@ def render_teacher_probe(summary: dict[str, Any]) -> None:
     theirs = probe["splits"].get(split, {})
     student = summary.get("test") if split == "test" else summary.get("best_val")
     line = (
-        f"teacher probe (linear classifier on the frozen teacher's embeddings of train, {probe['views']} view(s)): {split} balanced accuracy "
+        f"teacher probe (linear classifier on the frozen teacher's embeddings of train, {probe['views']} view(s), L2 weight "
+        f"{probe['l2']:g} chosen on {probe['l2_chosen_on']}): {split} balanced accuracy "
         f"{fmt(theirs.get('balanced_accuracy'))}, tail recall {fmt(theirs.get('tail_recall'))}"
     )
     if student:

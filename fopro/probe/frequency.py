@@ -332,15 +332,15 @@ def run_linear_probe(data: _Probed, data_options: DataOptions, options: ProbeOpt
     result = {
         "trained_on": "train",
         "evaluated_on": options.split,
-        "classifier": "linear layer on standardised teacher embeddings, balanced softmax on the training "
-                      "counts, Adam; plain softmax at test time",
+        "classifier": "linear layer on standardised teacher embeddings, balanced softmax on the training counts "
+                      "+ L2 (weight l2), L-BFGS on the full batch; plain softmax at test time",
         "train_images": scored["train_images"],
         "views": scored["views"],
         "augment": options.augment,
         "augmentation": augmentation.as_dict(),
         "image_size": size,
         "embed_dim": scored["embed_dim"],
-        "epochs": scored["epochs"],
+        "l2": scored["l2"],
         "options": scored["options"],
         "num_images": report["num_samples"],
         **{key: report[key] for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "tail_recall")},

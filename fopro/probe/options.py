@@ -94,8 +94,8 @@ def check_options(options: ProbeOptions) -> tuple[list[tuple[float, float]], lis
 
 
 def linear_options(options: ProbeOptions) -> LinearProbeOptions:
-    """The linear probe's options: ``linear_views`` views, the probe's seed, the other values at their defaults."""
-    return LinearProbeOptions(views=options.linear_views, seed=options.seed)
+    """The linear probe's options: ``linear_views`` views, the other values at their defaults."""
+    return LinearProbeOptions(views=options.linear_views)
 
 
 def check_bands_fit(edges: Sequence[Sequence[float]], size: int, log: bool) -> None:
