@@ -13,8 +13,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fopro"
 # function-level imports allowed: matplotlib (its backend is picked on the first plot, never at import), a
 # private torch constant that may move between versions (guarded by ImportError), the optional pydicom, and the
-# optional trackers of --tracking (fopro[tensorboard], fopro[mlflow])
-ALLOWED_LOCAL_IMPORTS = {("plots", "matplotlib"), ("plots", "matplotlib.pyplot"), ("plots", "matplotlib.colors"),
+# optional trackers of --tracking (fopro[tensorboard], fopro[mlflow]), and the run lock's platform modules (fcntl on
+# POSIX, msvcrt on Windows: each guarded by ImportError)
+ALLOWED_LOCAL_IMPORTS = {("io", "fcntl"), ("io", "msvcrt"), ("plots", "matplotlib"), ("plots", "matplotlib.pyplot"), ("plots", "matplotlib.colors"),
                          ("export_options", "torch.onnx._constants"), ("data.dicom", "pydicom"),
                          ("tracking", "torch.utils.tensorboard"), ("tracking", "mlflow"), ("tracking", "mlflow.entities")}
 
