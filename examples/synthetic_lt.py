@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": teacher_ckpt,
             "public_val_balanced_accuracy": (teacher.get("best_val") or {}).get("balanced_accuracy"),
             "linear_probe": {
-                "what": "a linear classifier (balanced softmax, 4 augmented views) on the frozen teacher's embeddings of the target "
+                "what": "a linear classifier (balanced softmax + L2, its weight chosen on val; 4 augmented views) on the frozen teacher's embeddings of the target "
                         "TRAIN split, fitted by each distillation run (the same for every method of a seed), scored on val and test",
                 "runs": probe_rows,
                 "summary": {metric: mean_std([r[metric] for r in probe_rows]) for metric in METRICS},
