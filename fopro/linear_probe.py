@@ -48,7 +48,7 @@ from fopro.metrics import DEFAULT_GROUPS, LongTailGroups, balanced_accuracy, com
 from fopro.runtime import ProgressFn, no_progress, resolve_device
 
 __all__ = ["LinearProbeOptions", "LinearProbe", "check_linear_options", "embed", "fit_linear_probe",
-           "fit_teacher_probe", "score_probe", "teacher_probe", "run_options", "summarise_scores", "transfer_ratios"]
+           "fit_teacher_probe", "embed_split", "embed_selection", "score_probe", "teacher_probe", "run_options", "summarise_scores", "transfer_ratios"]
 
 #: Features whose train standard deviation is below this are only centred (not divided by ~0).
 MIN_STD = 1e-6
@@ -177,7 +177,7 @@ def fit_linear_probe(
     if len(grid) > 1:
         if select is not None:
             select_x = probe.standardise(_as_float_tensor(select[0]))
-            folds = [(torch.ones(len(y), dtype=torch.bool), select_x, np.asarray(select[1], dtype=np.int64))]
+            folds = [(slice(None), select_x, np.asarray(select[1], dtype=np.int64))]  # every train row: a view
         else:
             folds = _cv_folds(features, y, images)
         layers = [_zero_linear(x.shape[1], len(log_prior)) for _ in folds]  # one per fold, warm-started along the grid
@@ -286,10 +286,11 @@ def fit_teacher_probe(
     device: torch.device | str = "auto",
     progress: ProgressFn = no_progress,
     embed_batch_size: int = 64,
-    select_set: ImageDataset | None = None,
+    select: tuple[torch.Tensor, Any] | None = None,
 ) -> LinearProbe:
     """A :class:`LinearProbe` fitted on ``options.views`` augmented passes over ``train_set`` (see the contract),
-    its L2 weight chosen on ``select_set`` (a run's val split) when given.
+    its L2 weight chosen on ``select`` (the embeddings and labels of a run's val split: :func:`embed_selection`)
+    when given.
 
     The teacher is moved to ``device``; the probe stays on the CPU (move it where it is used).
     """
@@ -311,12 +312,24 @@ def fit_teacher_probe(
     finally:
         train_set.set_epoch(previous_epoch)
     labels = np.tile(np.asarray(train_set.manifest.labels, dtype=np.int64), options.views)
-    select = None
-    if select_set is not None and len(select_set):
-        report = lambda _d, done, total: progress("linear probe: val embeddings", done, total)  # noqa: E731
-        select = (embed(teacher, select_set, embed_batch_size, device, report), select_set.manifest.labels)
     images = np.tile(np.arange(len(train_set)), options.views)  # the views of an image stay in one fold
     return fit_linear_probe(torch.cat(views), labels, train_counts, options, progress, select, images)
+
+
+def embed_split(teacher: nn.Module, dataset: ImageDataset, split: str, device: torch.device | str,
+                progress: ProgressFn = no_progress, embed_batch_size: int = 64) -> torch.Tensor:
+    """The teacher's embeddings of one evaluation split (the teacher is moved to ``device``)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    report = lambda _d, done, total: progress(f"linear probe: {split} embeddings", done, total)  # noqa: E731
+    return embed(teacher.to(device), dataset, embed_batch_size, device, report)
+
+
+def embed_selection(teacher: nn.Module, val_set: ImageDataset | None, device: torch.device | str,
+                    progress: ProgressFn = no_progress) -> tuple[torch.Tensor, list[int]] | None:
+    """(embeddings, labels) of a run's val split, on which the probe's L2 weight is chosen; None without one."""
+    if val_set is None or not len(val_set):
+        return None
+    return embed_split(teacher, val_set, "val", device, progress), list(val_set.manifest.labels)
 
 
 def _check_counts(classes: list[str], train_counts: list[int]) -> None:
@@ -334,15 +347,17 @@ def score_probe(
     device: torch.device | str = "auto",
     progress: ProgressFn = no_progress,
     embed_batch_size: int = 64,
+    embedded: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
-    """{split: compute_metrics report} of a fitted probe on each evaluation set (the report a student gets)."""
+    """{split: compute_metrics report} of a fitted probe on each evaluation set (the report a student gets);
+    ``embedded``: the teacher's embeddings of splits already embedded (val, when it chose the L2 weight)."""
     _check_counts(classes, train_counts)
-    device = resolve_device(device) if isinstance(device, str) else device
-    teacher = teacher.to(device)
     splits = {}
     for split, dataset in eval_sets.items():
-        report = lambda _d, done, total, s=split: progress(f"linear probe: {s} embeddings", done, total)  # noqa: E731
-        probs = probe.predict_proba(embed(teacher, dataset, embed_batch_size, device, report))
+        embeddings = (embedded or {}).get(split)
+        if embeddings is None:
+            embeddings = embed_split(teacher, dataset, split, device, progress, embed_batch_size)
+        probs = probe.predict_proba(embeddings)
         splits[split] = compute_metrics(np.asarray(dataset.manifest.labels), probs, classes, train_counts, groups)
     return splits
 

@@ -106,8 +106,9 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
     fpg = build_fpg(config) if config.method == "fopro" else None
     probe = None
     if teacher is not None and config.probe_kd > 0:  # (for the report alone it is fitted at the end: see finish)
-        probe = fit_teacher_probe(teacher, train_set, train_counts, linear_probe.run_options(train_set), device, in_phase(progress, "teacher probe"),
-                                  select_set=val_set)
+        probe_progress = in_phase(progress, "teacher probe")
+        probe = fit_teacher_probe(teacher, train_set, train_counts, linear_probe.run_options(train_set), device, probe_progress,
+                                  select=linear_probe.embed_selection(teacher, val_set, device, probe_progress))
     sup_loss = SupervisedLoss(config.loss, train_counts)
     method = build_method(config.method_config(), student, student_preprocess, sup_loss, teacher, fpg, probe).to(device)
     method.sync_gradients = lambda parameters: average_gradients(parameters, env)

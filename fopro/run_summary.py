@@ -78,13 +78,14 @@ def run_teacher_probe(run: Run, progress: ProgressFn) -> dict[str, Any]:
     if "test" in run.splits and len(run.splits["test"]):
         eval_sets["test"] = checked_dataset(run.splits["test"], run.config.image_size, run.config.skip_bad_images)
     options = linear_probe.run_options(run.train_set)
+    select = linear_probe.embed_selection(run.teacher, run.val_set, run.device, progress)
     probe = run.teacher_probe if run.teacher_probe is not None else fit_teacher_probe(
-        run.teacher, run.train_set, run.train_counts, options, run.device, progress, select_set=run.val_set
+        run.teacher, run.train_set, run.train_counts, options, run.device, progress, select=select
     )
     scores = score_probe(
         probe, run.teacher, eval_sets, run.splits.classes, run.train_counts, run.config.groups(),
-        run.device, progress,
+        run.device, progress, embedded={"val": select[0]} if select else None,
     )
-    chosen_on = "val" if run.val_set is not None and len(run.val_set) else "cross-validation on train"
+    chosen_on = "val" if select else "cross-validation on train"
     return {"views": options.views, "l2": probe.l2, "l2_chosen_on": chosen_on,
             "l2_balanced_accuracy": {f"{k:g}": v for k, v in probe.selection.items()}, "splits": linear_probe.summarise_scores(scores)}

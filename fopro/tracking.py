@@ -162,7 +162,7 @@ class MLflowTracker(Recorder):
         it: when the interrupted attempt logged past `resumed_at` (a kill -9 between two saved states), what was
         logged up to it (params, tags, metrics, images) is copied into a new run that replaces the old one, which is
         deleted (MLflow's soft delete: `mlflow gc` removes it for good), so that every step appears once."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         old = self.client.get_run(run_id)
         history = {key: self.client.get_metric_history(run_id, key) for key in old.data.metrics}

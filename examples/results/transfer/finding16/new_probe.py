@@ -15,7 +15,7 @@ counts = splits["train"].class_counts()
 rows = []
 for seed in seeds:
     train = checked_dataset(splits["train"], 64, False, train=True, seed=seed, augment_config=resolve_augment("reference"))
-    probe = fit_teacher_probe(teacher, train, counts, linear_probe.run_options(train), "cpu", select_set=val)
+    probe = fit_teacher_probe(teacher, train, counts, linear_probe.run_options(train), "cpu", select=linear_probe.embed_selection(teacher, val, "cpu"))
     scores = linear_probe.summarise_scores(score_probe(probe, teacher, {"val": val, "test": test}, splits.classes, counts, device="cpu"))
     rows.append({"teacher": teacher_path, "seed": seed, "l2": probe.l2, "l2_on_val": probe.selection, **scores})
     print(json.dumps(rows[-1]), flush=True)
