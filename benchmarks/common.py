@@ -247,12 +247,13 @@ def build_trainee(
     fpg_every: int = 1,
     adv_weight: float = 1.0,
     seed: int = 0,
+    align_focus: float = 0.0,
 ) -> Trainee:
     """The library's method object (build_method) with a real student (create_student), as build_run makes them."""
     torch.manual_seed(seed)
     student, student_preprocess = create_student(StudentOptions(arch=student_arch, image_size=image_size), len(train_counts))
     fpg = FourierPromptGenerator(image_size) if name == "fopro" else None  # DistillConfig defaults: both, 0.5, 16
-    config = MethodConfig(name=name, fpg_every=fpg_every, adv_weight=adv_weight)
+    config = MethodConfig(name=name, fpg_every=fpg_every, adv_weight=adv_weight, align_focus=align_focus)
     method = build_method(config, student, student_preprocess, SupervisedLoss("balanced_softmax", train_counts), teacher if name != "none" else None, fpg)
     return Trainee(method)
 

@@ -4,8 +4,8 @@
     python benchmarks/step_cost.py --quick --json-out /tmp/step.json
 
 Times one optimisation step (`method.step` + backward + clipping + Adam, as fopro/train.py runs it) of
-`none`, `kd`, `ekd`, `fopro` (FPG step every step, and every `--fpg-every` steps) and `fopro` without AKD
-(alpha = 0: no gradient through the student to the FPG), against the lower bound "teacher forward (no
+`none`, `kd`, `ekd`, `ekd` with `--align-focus 2`, `fopro` (FPG step every step, and every `--fpg-every` steps)
+and `fopro` without AKD (alpha = 0: no gradient through the student to the FPG), against the lower bound "teacher forward (no
 grad) + student forward/backward + optimiser step", all interleaved in one process. Also: the share of the
 FFTs in a fopro step (torch.profiler) and the FPG alone.
 """
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "none": dict(name="none"),
         "kd": dict(name="kd"),
         "ekd": dict(name="ekd"),
+        "ekd_focus": dict(name="ekd", align_focus=2.0),
         "fopro": dict(name="fopro", fpg_every=1),
         f"fopro_every{k}": dict(name="fopro", fpg_every=k),
         "fopro_no_akd": dict(name="fopro", fpg_every=1, adv_weight=0.0),
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ekd_over_lower_bound": paired_ratio(ekd, bound),
         "kd_over_lower_bound": paired_ratio(samples["kd"], bound),
         "none_over_lower_bound": paired_ratio(samples["none"], bound),
+        "ekd_focus_over_ekd": paired_ratio(samples["ekd_focus"], ekd),
         "fopro_over_ekd": paired_ratio(samples["fopro"], ekd),
         f"fopro_every{k}_over_ekd": paired_ratio(samples[fopro_k], ekd),
         "fopro_no_akd_over_ekd": paired_ratio(samples["fopro_no_akd"], ekd),
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fpg_isolated_over_fopro": paired_ratio(samples["fpg_isolated"], samples["fopro"]),
     }
     timings = {name: summary(values) for name, values in samples.items()}
-    order = ["teacher_forward", "fpg_isolated", "lower_bound", "none", "kd", "ekd", "fopro", fopro_k, "fopro_no_akd"]
+    order = ["teacher_forward", "fpg_isolated", "lower_bound", "none", "kd", "ekd", "ekd_focus", "fopro", fopro_k, "fopro_no_akd"]
     descriptions = {
         "teacher_forward": "teacher forward, no grad",
         "fpg_isolated": "FPG mask + apply_spectral_mask, fwd+bwd",
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "none": "student alone (supervised)",
         "kd": "feature MSE to the teacher",
         "ekd": "EKD (cosine + second head)",
+        "ekd_focus": "EKD with --align-focus 2",
         "fopro": "EKD on prompted images + FPG step (AKD) every step",
         fopro_k: f"EKD + FPG step every {k} steps",
         "fopro_no_akd": "fopro with alpha = 0 (no AKD)",

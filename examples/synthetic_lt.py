@@ -64,6 +64,8 @@ METHODS: dict[str, str] = {
     "fopro-no-akd": "the FPG without AKD (alpha = 0)",
     "ekd-unl": "EKD + the unlabelled pool in the alignment term",
     "fopro-unl": "FoPro-KD + the unlabelled pool in the alignment and FPG terms",
+    "ekd-unl-focus": "EKD + the pool, each image's alignment term weighted by its distance squared (--align-focus 2)",
+    "fopro-unl-focus": "FoPro-KD + the pool, with --align-focus 2",
 }
 DEFAULT_METHODS = list(METHODS)
 CONFIGS = REPO / "examples" / "configs" / "synthetic_lt"
@@ -81,7 +83,7 @@ METRICS: dict[str, str] = {
 # resnet18 student alone; + a resnet26 teacher forward (kd, ekd); + the FPG step (teacher fwd/bwd).
 # (Single-thread CPU time measured here: 137, 87 (ekd) and 58 (fopro) images per CPU-second; resnet26 training 81.)
 CPU_RATES = {"none": 270.0, "kd": 170.0, "ekd": 170.0, "fopro": 100.0, "fopro-no-akd": 110.0, "ekd-unl": 85.0, "fopro-unl": 50.0,
-             "teacher": 150.0}
+             "ekd-unl-focus": 85.0, "fopro-unl-focus": 50.0, "teacher": 150.0}
 CPU_STARTUP_S = 8.0  # one `python -m fopro` start (torch + timm imports, data loading)
 
 

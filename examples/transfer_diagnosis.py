@@ -102,7 +102,7 @@ def gradient_norms(run_dir: Path, data: Path) -> dict[str, Any]:
             projected, second_logits = method.heads(features)
             with torch.no_grad():
                 target = method.teacher(images)
-            terms["align (x lambda)"] = config.ekd_weight * method.alignment(projected, target)
+            terms["align (x lambda)"] = config.ekd_weight * method.alignment(projected, target, labels)
             if second_logits is not None:
                 terms["sup_t"] = method.sup_loss(second_logits, labels)
             if config.probe_kd > 0:

@@ -160,6 +160,11 @@ class DistillConfig:
         METHOD,
         choices=ALIGN_WEIGHTS,
     )
+    align_focus: float = option(
+        0.0,
+        "gamma: weight each image's alignment term by d_i^gamma / mean(d^gamma), its own distance to the teacher's embedding relative to the batch's, so that the images the student matches worst (in practice the rare classes') count most, unlabelled ones too; 0 weighs them alike.",
+        METHOD, rule=NOT_NEGATIVE,
+    )
     second_head: bool = option(
         True,
         "EKD's second classifier fc_t on the projected features, trained with the supervised loss (ekd, fopro); --no-second-head keeps only the alignment term.",
@@ -261,6 +266,7 @@ class DistillConfig:
             prompt_fraction=self.prompt_fraction,
             probe_kd=self.probe_kd,
             align_weights=self.align_weights,
+            align_focus=self.align_focus,
             second_head=self.second_head,
         )
 
@@ -287,6 +293,8 @@ class DistillConfig:
         check_tracker(self.tracking)
         if self.probe_kd > 0 and self.method == "none":
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
+        if self.align_focus > 0 and self.method == "none":
+            raise FoproError("--align-focus weighs the alignment term, which --method none has not: use --method kd, ekd or fopro, or drop --align-focus")
         if self.unlabeled and self.method == "none":
             raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")
         if self.probe_init and not Path(self.probe_init).is_file():

@@ -26,15 +26,24 @@ def balanced_softmax(logits: torch.Tensor, labels: torch.Tensor, log_prior: torc
     return F.cross_entropy(logits + log_prior.to(logits.device, logits.dtype), labels, ignore_index=UNLABELED)
 
 
+def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(a_i, b_i) per row (0 when aligned, 4 when opposite)."""
+    return 2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=1)
+
+
+def squared_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per row."""
+    return (a.float() - b.float()).pow(2).mean(dim=1)
+
+
 def cosine_distance(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """mean(2 - 2 cos(a, b)): the EKD alignment term (0 when aligned, 4 when opposite); with per-image `weights`,
-    the weighted mean sum(w d) / sum(w)."""
-    return weighted_mean(2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=1), weights)
+    """mean(2 - 2 cos(a, b)): the EKD alignment term; with per-image `weights`, the weighted mean sum(w d) / sum(w)."""
+    return weighted_mean(cosine_distances(a, b), weights)
 
 
 def feature_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference; with per-image `weights`, each image's mean weighted as in cosine_distance."""
-    return weighted_mean((a.float() - b.float()).pow(2).mean(dim=1), weights)
+    return weighted_mean(squared_errors(a, b), weights)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -52,6 +61,15 @@ def class_balanced_weights(log_prior: torch.Tensor, labels: torch.Tensor) -> tor
     labelled = labels != UNLABELED
     weights[labelled] = class_weights[labels[labelled]]
     return weights
+
+
+def focus_weights(distances: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-image weight d_i^gamma / mean(d^gamma) of the alignment term (``--align-focus gamma``), detached: the
+    images the student matches worst count most, whatever their class, unlabelled ones too (all 1 when every
+    distance is 0)."""
+    d = distances.detach().float().pow(power)
+    mean = d.mean()
+    return torch.where(mean > 0, d / mean.clamp_min(torch.finfo(d.dtype).tiny), torch.ones_like(d))
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:

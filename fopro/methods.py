@@ -18,7 +18,9 @@ from torch import nn
 from fopro.errors import FoproError
 from fopro.fpg import FourierPromptGenerator
 from fopro.data.manifest import UNLABELED
-from fopro.losses import SupervisedLoss, balanced_softmax, class_balanced_weights, cosine_distance, feature_mse
+from fopro.losses import (
+    SupervisedLoss, balanced_softmax, class_balanced_weights, cosine_distances, focus_weights, squared_errors, weighted_mean,
+)
 from fopro.models.student import DistillHeads, features_and_logits
 from fopro.models.teacher import Teacher
 from fopro.models.weights import embedding_dim
@@ -39,6 +41,7 @@ class MethodConfig:
     prompt_fraction: float = 1.0  # share of each batch that the FPG prompts (fopro)
     probe_kd: float = 0.0  # weight of KL(teacher probe || student) on the teacher's embedding (kd, ekd, fopro)
     align_weights: str = "none"  # none | balanced: each image's alignment term weighted 1 / (C p_y) (kd, ekd, fopro)
+    align_focus: float = 0.0  # gamma: each image's alignment term also weighted (d_i / ...)^gamma, its own distance
     second_head: bool = True  # EKD's fc_t on the projection (ekd, fopro); False keeps only the alignment term
 
 
@@ -117,11 +120,21 @@ class FeatureKD(Method):
     def trainable_state(self) -> dict[str, nn.Module]:
         return {"student": self.student, "heads": self.heads}
 
-    def alignment(self, projected: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return feature_mse(projected, target, weights)
+    def distances(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image alignment distance between p(f) and the teacher's embedding."""
+        return squared_errors(projected, target)
 
-    def alignment_weights(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return class_balanced_weights(self.sup_loss.log_prior, labels) if self.config.align_weights == "balanced" else None
+    def alignment(self, projected: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        distances = self.distances(projected, target)
+        return weighted_mean(distances, self.alignment_weights(labels, distances))
+
+    def alignment_weights(self, labels: torch.Tensor, distances: torch.Tensor) -> torch.Tensor | None:
+        """--align-weights balanced (1 / (C p_y)) times --align-focus (d_i^gamma / mean(d^gamma)); None: all equal."""
+        weights = class_balanced_weights(self.sup_loss.log_prior, labels) if self.config.align_weights == "balanced" else None
+        if self.config.align_focus > 0:
+            focus = focus_weights(distances, self.config.align_focus)
+            weights = focus if weights is None else weights * focus
+        return weights
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
         features, logits = self.student_forward(images)
@@ -139,8 +152,9 @@ class FeatureKD(Method):
         labels: torch.Tensor,
         parts: Losses,
     ) -> tuple[torch.Tensor, Losses]:
-        """L_sup(fc(f)) + lambda * alignment(p(f), target) [+ L_sup(fc_t(p(f))) with the second head]."""
-        align = self.alignment(projected, target, self.alignment_weights(labels))
+        """L_sup(fc(f)) + lambda * alignment(p(f), target) [+ L_sup(fc_t(p(f))) with the second head]; the
+        alignment is the (weighted) mean of the per-image distances."""
+        align = self.alignment(projected, target, labels)
         sup = self.sup_loss(logits, labels)
         loss = self.config.ekd_weight * align + sup
         parts.update({"sup": sup.detach(), "kd": align.detach()})
@@ -167,8 +181,8 @@ class EffectiveKD(FeatureKD):
 
     second_head = True
 
-    def alignment(self, projected: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return cosine_distance(projected, target, weights)
+    def distances(self, projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cosine_distances(projected, target)
 
 
 @dataclass
@@ -264,7 +278,7 @@ class FoProKD(EffectiveKD):
         if batch.selection is not None:
             embedding, projected, labels = embedding[batch.selection], projected[batch.selection], labels[batch.selection]
         explore = balanced_softmax(self.teacher_head(embedding.float()), labels, self.sup_loss.log_prior)
-        adversarial = cosine_distance(projected, embedding)
+        adversarial = self.distances(projected, embedding).mean()
         regulariser = (batch.mask - 1).pow(2).mean()
         loss = explore - alpha * adversarial + self.config.fpg_reg * regulariser
         parts = {"fpg": loss, "fpg_explore": explore, "fpg_adv": adversarial, "fpg_mask": (batch.mask - 1).abs().mean()}

@@ -101,6 +101,8 @@ def test_class_names_with_commas_as_a_json_list() -> None:
         ({"fpg_strength": 1.0}, r"--fpg-strength 1.0 must be in \(0, 1\)"),
         ({"fpg_mode": "spatial"}, "--fpg-mode spatial is not known"),
         ({"fpg_hidden": 0}, "--fpg-hidden 0 must be at least 1"),
+        ({"align_focus": -1.0}, "--align-focus -1.0 must not be negative"),
+        ({"method": "none", "align_focus": 2.0}, "--align-focus weighs the alignment term, which --method none has not"),
         ({"tail_threshold": 30, "head_threshold": 10}, "--tail-threshold 30 is above --head-threshold 10"),
         ({"teacher_image_size": 8}, "--teacher-image-size 8 must be between 16 and 2048"),
         ({"augment": "xray"}, "--augment xray is not known"),
@@ -115,7 +117,8 @@ def test_every_rule_is_checked_when_the_options_are_resolved(values: dict, messa
 
 def test_every_method_field_reaches_the_method_config() -> None:
     """MethodConfig's fields are DistillConfig options of the same name (method -> name), passed through unchanged."""
-    values = {"method": "ekd", "ekd_weight": 7.0, "align_weights": "balanced", "second_head": False, "prompt_fraction": 0.5}
+    values = {"method": "ekd", "ekd_weight": 7.0, "align_weights": "balanced", "align_focus": 1.5, "second_head": False, "prompt_fraction": 0.5}
     method = resolve_config({}, values).method_config()
-    assert (method.name, method.ekd_weight, method.align_weights, method.second_head, method.prompt_fraction) == ("ekd", 7.0, "balanced", False, 0.5)
+    assert (method.name, method.ekd_weight, method.align_weights, method.align_focus, method.second_head, method.prompt_fraction) == (
+        "ekd", 7.0, "balanced", 1.5, False, 0.5)
     assert {f.name for f in dataclasses.fields(method)} - {"name"} <= set(FIELDS)

@@ -10,7 +10,11 @@ import timm
 import torch
 
 from fopro.errors import FoproError
-from fopro.losses import LOSSES, SupervisedLoss, balanced_softmax, class_balanced_weights, class_log_prior, cosine_distance, feature_mse
+from fopro.losses import (
+    LOSSES, SupervisedLoss, balanced_softmax, class_balanced_weights, class_log_prior, cosine_distance, feature_mse, focus_weights,
+    weighted_mean,
+)
+from fopro.fpg import FourierPromptGenerator
 from fopro.methods import MethodConfig, build_method
 from fopro.models import StudentOptions, Teacher, create_student
 from fopro.preprocess import Preprocess
@@ -138,6 +142,26 @@ def test_weighted_alignment_terms_match_numpy():
     assert math.isclose(float(cosine_distance(ta, tb, torch.full((5,), 2.0))), float(cosine_distance(ta, tb)), rel_tol=1e-6)
 
 
+def test_focus_weights_by_hand():
+    """d = 1, 2, 3, 6: gamma 1 gives d / 3 and the weighted mean sum(d^2) / sum(d) = 50 / 12; gamma 2 gives d^2 / 12.5;
+    gamma 0 and an all-zero batch weigh every image 1."""
+    d = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert torch.allclose(focus_weights(d, 1.0), d / 3)
+    assert math.isclose(float(weighted_mean(d, focus_weights(d, 1.0))), 50 / 12, rel_tol=1e-6)
+    assert torch.allclose(focus_weights(d, 2.0), d**2 / 12.5)
+    assert torch.equal(focus_weights(d, 0.0), torch.ones(4))
+    assert torch.equal(focus_weights(torch.zeros(3), 2.0), torch.ones(3))
+
+
+def test_focus_weights_are_constants_of_the_gradient():
+    """The weights are detached: d(sum w d / sum w) / d d_i = w_i / sum(w), not the gradient of sum(d^3) / sum(d^2)."""
+    rng = np.random.default_rng(1)
+    d = torch.tensor(rng.uniform(0.1, 2.0, size=6), dtype=torch.float32, requires_grad=True)
+    weighted_mean(d, focus_weights(d, 2.0)).backward()
+    w = d.detach().numpy() ** 2
+    assert np.allclose(d.grad.numpy(), w / w.sum(), rtol=1e-5)
+
+
 def _ekd_parts():
     """A seeded test_resnet student and teacher, a 3-class balanced softmax and a batch of 4 images."""
     torch.manual_seed(0)
@@ -164,6 +188,34 @@ def test_balanced_align_weights_reach_the_ekd_step():
     balanced = distances["balanced"]
     assert math.isclose(float(parts["balanced"]["kd"]), float((w * balanced).sum() / w.sum()), rel_tol=1e-5)
     assert not math.isclose(float(balanced.mean()), float((w * balanced).sum() / w.sum()), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["kd", "ekd", "fopro"])
+@pytest.mark.parametrize("align_weights", ["none", "balanced"])
+def test_align_focus_reaches_the_step(name, align_weights, monkeypatch):
+    """--align-focus 2: the step hands focus_weights its per-image distances (MSE for kd, 2 - 2 cos otherwise, checked
+    with numpy from the same projections) and gamma, and its kd part is the mean weighted by what focus_weights
+    returns (times 1 / (C p_y) with balanced weights). At initialisation the distances are all near 2, so
+    focus_weights is replaced by fixed weights to make the weighting visible."""
+    student, preprocess, teacher, sup, images, labels = _ekd_parts()
+    fpg = FourierPromptGenerator(32, strength=0.5) if name == "fopro" else None
+    method = build_method(MethodConfig(name=name, align_weights=align_weights, align_focus=2.0), student, preprocess, sup, teacher, fpg)
+    method.eval()
+    with torch.no_grad():
+        inputs = fpg(images)[0] if fpg is not None else images
+        projected, _ = method.heads(method.student_forward(inputs)[0])
+        p, z = projected.double().numpy(), teacher(inputs).double().numpy()
+    if name == "kd":
+        d = ((p - z) ** 2).mean(1)
+    else:
+        d = 2 - 2 * (p * z).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(z, axis=1))
+    fixed = torch.tensor([4.0, 0.0, 1.0, 0.5])
+    calls = []
+    monkeypatch.setattr("fopro.methods.focus_weights", lambda distances, power: calls.append((distances.detach().double().numpy(), power)) or fixed)
+    _, parts = method.step(images, labels, 1)
+    assert len(calls) == 1 and calls[0][1] == 2.0 and np.allclose(calls[0][0], d, rtol=1e-5)
+    w = fixed.double().numpy() * (class_balanced_weights(sup.log_prior, labels).double().numpy() if align_weights == "balanced" else 1.0)
+    assert math.isclose(float(parts["kd"]), float((w * d).sum() / w.sum()), rel_tol=1e-5)
 
 
 def test_ekd_without_second_head_is_supervision_plus_alignment():
