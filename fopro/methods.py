@@ -41,7 +41,7 @@ class MethodConfig:
     prompt_fraction: float = 1.0  # share of each batch that the FPG prompts (fopro)
     probe_kd: float = 0.0  # weight of KL(teacher probe || student) on the teacher's embedding (kd, ekd, fopro)
     align_weights: str = "none"  # none | balanced: each image's alignment term weighted 1 / (C p_y) (kd, ekd, fopro)
-    align_focus: float = 0.0  # gamma: each image's alignment term also weighted (d_i / ...)^gamma, its own distance
+    align_focus: float = 0.0  # gamma: each image's alignment term also weighted d_i^gamma / mean(d^gamma) (kd, ekd, fopro)
     second_head: bool = True  # EKD's fc_t on the projection (ekd, fopro); False keeps only the alignment term
 
 
