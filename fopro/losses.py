@@ -27,26 +27,18 @@ def balanced_softmax(logits: torch.Tensor, labels: torch.Tensor, log_prior: torc
 
 
 def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(a_i, b_i) per row (0 when aligned, 4 when opposite)."""
+    """2 - 2 cos(a_i, b_i) per row (0 when aligned, 4 when opposite), in float32: EKD's alignment distance."""
     return 2 - 2 * F.cosine_similarity(a.float(), b.float(), dim=1)
 
 
 def squared_errors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference per row."""
+    """Mean squared difference per row, in float32: kd's alignment distance."""
     return (a.float() - b.float()).pow(2).mean(dim=1)
 
 
-def cosine_distance(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """mean(2 - 2 cos(a, b)): the EKD alignment term; with per-image `weights`, the weighted mean sum(w d) / sum(w)."""
-    return weighted_mean(cosine_distances(a, b), weights)
-
-
-def feature_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared difference; with per-image `weights`, each image's mean weighted as in cosine_distance."""
-    return weighted_mean(squared_errors(a, b), weights)
-
-
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """mean(values), or with per-row `weights` sum(w v) / sum(w): the alignment term of kd / ekd / fopro is the
+    (weighted) mean of cosine_distances or squared_errors."""
     return values.mean() if weights is None else (weights * values).sum() / weights.sum()
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fopro.errors import FoproError
 from fopro.losses import (
-    LOSSES, SupervisedLoss, balanced_softmax, class_balanced_weights, class_log_prior, cosine_distance, feature_mse, focus_weights,
+    LOSSES, SupervisedLoss, balanced_softmax, class_balanced_weights, class_log_prior, cosine_distances, focus_weights, squared_errors,
     weighted_mean,
 )
 from fopro.fpg import FourierPromptGenerator
@@ -80,7 +80,7 @@ def test_cross_entropy_equals_hand_computation():
     ],
 )
 def test_cosine_distance_golden_values(a, b, expected):
-    got = cosine_distance(torch.tensor(a), torch.tensor(b))
+    got = weighted_mean(cosine_distances(torch.tensor(a), torch.tensor(b)), None)
     assert got.dim() == 0
     assert float(got) == pytest.approx(expected, abs=1e-6)
 
@@ -90,16 +90,16 @@ def test_cosine_distance_matches_numpy_and_reads_half_precision():
     a, b = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     an, bn = a.double().numpy(), b.double().numpy()
     cos = (an * bn).sum(1) / np.linalg.norm(an, axis=1) / np.linalg.norm(bn, axis=1)
-    assert float(cosine_distance(a, b)) == pytest.approx(float(np.mean(2 - 2 * cos)), rel=1e-5)
-    half = cosine_distance(a.half(), b.bfloat16())
+    assert float(cosine_distances(a, b).mean()) == pytest.approx(float(np.mean(2 - 2 * cos)), rel=1e-5)
+    half = cosine_distances(a.half(), b.bfloat16()).mean()
     assert half.dtype == torch.float32
     assert float(half) == pytest.approx(float(np.mean(2 - 2 * cos)), abs=2e-2)
 
 
-def test_feature_mse_by_hand():
+def test_squared_errors_by_hand():
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     b = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
-    assert float(feature_mse(a, b)) == pytest.approx((0 + 4 + 9 + 0) / 4)
+    assert float(squared_errors(a, b).mean()) == pytest.approx((0 + 4 + 9 + 0) / 4)
 
 
 def test_unknown_loss_is_a_fopro_error():
@@ -136,10 +136,11 @@ def test_weighted_alignment_terms_match_numpy():
     a, b, w = rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), rng.uniform(0.2, 3.0, size=5)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     ta, tb, tw = (torch.tensor(x, dtype=torch.float32) for x in (a, b, w))
-    assert math.isclose(float(cosine_distance(ta, tb, tw)), float((w * (2 - 2 * cos)).sum() / w.sum()), rel_tol=1e-5)
-    assert math.isclose(float(feature_mse(ta, tb, tw)), float((w * ((a - b) ** 2).mean(1)).sum() / w.sum()), rel_tol=1e-5)
+    assert math.isclose(float(weighted_mean(cosine_distances(ta, tb), tw)), float((w * (2 - 2 * cos)).sum() / w.sum()), rel_tol=1e-5)
+    assert math.isclose(float(weighted_mean(squared_errors(ta, tb), tw)), float((w * ((a - b) ** 2).mean(1)).sum() / w.sum()), rel_tol=1e-5)
     # equal weights are the plain mean
-    assert math.isclose(float(cosine_distance(ta, tb, torch.full((5,), 2.0))), float(cosine_distance(ta, tb)), rel_tol=1e-6)
+    assert math.isclose(float(weighted_mean(cosine_distances(ta, tb), torch.full((5,), 2.0))),
+                        float(weighted_mean(cosine_distances(ta, tb), None)), rel_tol=1e-6)
 
 
 def test_focus_weights_by_hand():
