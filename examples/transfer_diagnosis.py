@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fopro.checkpoint import load_meta  # noqa: E402
 from fopro.models.weights import build_model  # noqa: E402
-from fopro.config import load_run_config  # noqa: E402
+from fopro.config_files import load_run_config  # noqa: E402
 from fopro.data import DataOptions, checked_dataset, load_splits  # noqa: E402
 from fopro.evaluate import TorchPredictor, predict  # noqa: E402
 from fopro.metrics import DEFAULT_GROUPS  # noqa: E402

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fopro.config import RESUME_AUTO, DistillConfig, absolute_paths, load_run_config, read_config_file, resolve_config
+from fopro.config import DistillConfig, resolve_config
+from fopro.config_files import RESUME_AUTO, absolute_paths, load_run_config, read_config_file
 from fopro import distributed
 from fopro.data.augment import KNOBS
 from fopro.defaults import DEMO_AUGMENT, DEMO_STUDENT, embedded_default

@@ -13,7 +13,7 @@ import torch
 
 from fopro.bootstrap import DEFAULT_RESAMPLES
 from fopro.calibration import calibration_report, uncalibrated
-from fopro.config import load_run_config
+from fopro.config_files import load_run_config
 from fopro.data import DataOptions, ImageDataset, checked_dataset, load_splits
 from fopro.errors import FoproError
 from fopro.io import check_output_folder, write_json, write_text

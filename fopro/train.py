@@ -17,7 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from fopro.config import DistillConfig, save_config
+from fopro.config import DistillConfig
+from fopro.config_files import save_config
 from fopro.data import ImageDataset
 from fopro.distributed import SINGLE, DistEnv, any_flag, average_gradients, barrier
 from fopro.errors import FoproError

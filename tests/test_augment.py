@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fopro.config import DistillConfig, read_config_file, resolve_config
+from fopro.config import DistillConfig, resolve_config
+from fopro.config_files import read_config_file
 from fopro.data import ImageDataset, Manifest
 from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESETS, AugmentConfig, augment, describe, parse_scale, resolve_augment
 from fopro.errors import FoproError

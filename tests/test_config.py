@@ -19,12 +19,10 @@ from fopro.config import (
     PATH_KEYS,
     DistillConfig,
     flag,
-    load_run_config,
-    read_config_file,
     resolve_config,
-    save_config,
     value_type,
 )
+from fopro.config_files import load_run_config, read_config_file, save_config
 from fopro.errors import FoproError
 
 NOT_IN_SCHEMA = {"config", "resume", "overwrite", "json_output", "help"}  # how to run, not what to run

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from fopro.checkpoint import load_checkpoint
 from fopro.models.weights import build_model
 from fopro.cli import app
-from fopro.config import DistillConfig, read_config_file, resolve_config
+from fopro.config import DistillConfig, resolve_config
+from fopro.config_files import read_config_file
 from fopro.distill import distill
 from fopro.errors import FoproError
 from fopro.io import LOCK_NAME

@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fopro.cli import app
-from fopro.config import read_config_file
+from fopro.config_files import read_config_file
 from fopro.distill import distill
 from fopro.errors import FoproError
 from fopro.train import TrainingInterrupted

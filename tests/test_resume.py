@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fopro.cli import app
-from fopro.config import load_run_config, resolve_config
+from fopro.config import resolve_config
+from fopro.config_files import load_run_config
 from fopro.data.synth import SynthConfig, generate_synth
 from fopro.distill import auto_resume, distill
 from fopro.errors import FoproError

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fopro.cli import app
-from fopro.config import read_config_file, resolve_config
+from fopro.config import resolve_config
+from fopro.config_files import read_config_file
 from fopro.errors import FoproError
 from fopro.fourier import fftshift2
 from fopro.fpg import FourierPromptGenerator

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fopro.config import load_run_config
+from fopro.config_files import load_run_config
 from fopro.data import DataOptions, load_splits
 from fopro.errors import FoproError
 from fopro.fourier import band_masks, fftshift2

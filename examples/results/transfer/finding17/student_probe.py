@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np, torch
 from torch import nn
 from fopro import linear_probe
-from fopro.config import load_run_config
+from fopro.config_files import load_run_config
 from fopro.run import build_run
 from fopro.run_state import restore
 from fopro.state import load_state
