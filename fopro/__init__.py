@@ -1,6 +1,6 @@
 """fopro: Fourier Prompted Effective Knowledge Distillation for long-tailed medical image recognition."""
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 from fopro.errors import FoproError
 

@@ -22,6 +22,7 @@ from fopro.preprocess import Preprocess
 FORMAT = "fopro-checkpoint"
 FORMAT_VERSION = 1
 MAX_CLASSES = 100_000
+HEADS = ("fc", "fc_t")  # the classifier a checkpoint keeps (fopro.models.heads)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class CheckpointMeta:
     temperature: float = 1.0  # calibration: probabilities are softmax(logits / temperature) (fitted on val)
     # per class, the probability thresholds fitted on val for target specificities: [{target_specificity, threshold}]
     operating_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    head: str = "fc"  # the classifier in the weights: fc, or fc_t (p then fc_t in the classifier's place; fopro.models.heads)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -73,6 +75,7 @@ class CheckpointMeta:
             fopro_version=str(data.get("fopro_version", "")),
             temperature=float(data.get("temperature", 1.0)),
             operating_points=data.get("operating_points") or {},
+            head=data.get("head", "fc"),
         )
 
 
@@ -112,6 +115,8 @@ def validate_meta(data: Any, source: str) -> None:
         not isinstance(counts, list) or len(counts) != len(classes) or not all(isinstance(c, int) and c >= 0 for c in counts)
     ):
         fail("'train_counts' must list one non-negative integer per class")
+    if data.get("head", "fc") not in HEADS:
+        fail(f"'head' {data.get('head')!r} is not one of {', '.join(HEADS)}")
     if "temperature" in data and not (_is_number(data["temperature"]) and data["temperature"] > 0):
         fail("'temperature' must be a positive number")
     points = data.get("operating_points") or {}

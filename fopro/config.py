@@ -20,7 +20,8 @@ from fopro.data.augment import DEFAULT_PRESET, KNOBS, PRESET_HELP, PRESETS, Augm
 from fopro.errors import FoproError
 from fopro.fpg import FPG_MODES
 from fopro.losses import ALIGN_WEIGHTS, check_loss
-from fopro.methods import METHODS, MethodConfig
+from fopro.checkpoint import HEADS
+from fopro.methods import METHODS, MethodConfig, default_align_focus
 from fopro.metrics import LongTailGroups
 from fopro.models import StudentOptions, TeacherOptions
 from fopro.tracking import TRACKERS, check_tracker
@@ -145,7 +146,9 @@ class DistillConfig:
     image_size: int = option(64, "Student (and FPG) input size in pixels.", STUDENT, rule=IMAGE_SIZE)
     # method
     method: str = option(
-        "fopro", "none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head) | fopro (EKD + FPG + AKD).", METHOD, choices=METHODS
+        "ekd",
+        "none (supervised baseline) | kd (feature MSE) | ekd (cosine + second head; the default since 0.9, the best on val in every comparison) | fopro (EKD + FPG + AKD, FoPro-KD).",
+        METHOD, choices=METHODS,
     )
     loss: str = option("balanced_softmax", "Supervised loss: balanced_softmax (logit-adjusted for the training class counts) | ce.", METHOD)
     ekd_weight: float = option(3.0, "lambda: weight of the student-teacher alignment term.", METHOD, rule=NOT_NEGATIVE)
@@ -155,15 +158,19 @@ class DistillConfig:
         METHOD,
         choices=ALIGN_WEIGHTS,
     )
-    align_focus: float = option(
-        0.0,
-        "gamma: weight each image's alignment term by d_i^gamma / mean(d^gamma), its own distance to the teacher's embedding relative to the batch's, so that the images the student matches worst (in practice the rare classes') count most, unlabelled ones too; 0 weighs them alike.",
-        METHOD, rule=NOT_NEGATIVE,
+    align_focus: float | None = option(
+        help="gamma: weight each image's alignment term by d_i^gamma / mean(d^gamma), its own distance to the teacher's embedding relative to the batch's, so that the images the student matches worst (in practice the rare classes') count most, unlabelled ones too; 0 weighs them alike. Default: 2 with ekd (chosen on val), 0 with kd and fopro.",
+        panel=METHOD, rule=NOT_NEGATIVE,
     )
     second_head: bool = option(
         True,
         "EKD's second classifier fc_t on the projected features, trained with the supervised loss (ekd, fopro); --no-second-head keeps only the alignment term.",
         METHOD,
+    )
+    deploy_head: str = option(
+        "auto",
+        "The classifier the checkpoints keep (and eval, export and the best-epoch choice use): fc, the student's own, or fc_t, EKD's second head on the projection p(f) (p then fc_t, 0.5 M more weights for a 512-wide student); auto: fc_t when the run trains it (ekd, fopro), else fc. fc_t read val better than fc (README, The method in fopro).",
+        METHOD, choices=("auto", *HEADS),
     )
     adv_weight: float = option(
         1.0, "alpha: adversarial (AKD) weight in the FPG objective; 0 turns AKD off.", FPG,
@@ -261,9 +268,20 @@ class DistillConfig:
             prompt_fraction=self.prompt_fraction,
             probe_kd=self.probe_kd,
             align_weights=self.align_weights,
-            align_focus=self.align_focus,
+            align_focus=self.focus(),
             second_head=self.second_head,
+            deploy_head=self.head(),
         )
+
+    def focus(self) -> float:
+        """--align-focus, or when it is not given the method's default (2 for ekd, else 0)."""
+        return self.align_focus if self.align_focus is not None else default_align_focus(self.method)
+
+    def head(self) -> str:
+        """--deploy-head, with auto resolved: fc_t when the run trains EKD's second head, else fc."""
+        if self.deploy_head != "auto":
+            return self.deploy_head
+        return "fc_t" if self.method in ("ekd", "fopro") and self.second_head else "fc"
 
     def learning_rate(self, world_size: int = 1) -> float:
         """--lr, or with --lr auto (None) the optimiser's base rate scaled to the global batch."""
@@ -288,8 +306,10 @@ class DistillConfig:
         check_tracker(self.tracking)
         if self.probe_kd > 0 and self.method == "none":
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
-        if self.align_focus > 0 and self.method == "none":
+        if self.align_focus and self.method == "none":
             raise FoproError("--align-focus weighs the alignment term, which --method none has not: use --method kd, ekd or fopro, or drop --align-focus")
+        if self.deploy_head == "fc_t" and (self.method not in ("ekd", "fopro") or not self.second_head):
+            raise FoproError("--deploy-head fc_t is EKD's second head, which this run does not train: use --method ekd or fopro without --no-second-head, or --deploy-head fc")
         if self.unlabeled and self.method == "none":
             raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")
         if self.probe_init and not Path(self.probe_init).is_file():

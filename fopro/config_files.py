@@ -94,6 +94,8 @@ def load_run_config(run_dir: Path) -> DistillConfig:
     except json.JSONDecodeError as err:
         raise FoproError(f"{path} is not valid JSON: the run folder is damaged") from err
     data = {k: v for k, v in data.items() if k not in RETIRED_KEYS}
+    data.setdefault("align_focus", 0.0)  # written before 0.8, which had no focus: resume as it ran
+    data.setdefault("deploy_head", "fc")  # written before 0.9, which kept fc
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
         raise FoproError(f"{path} has unknown key(s) {', '.join(unknown)}: was it written by another fopro version?")

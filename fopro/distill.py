@@ -113,12 +113,14 @@ def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, pro
 
 
 def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progress: ProgressFn) -> tuple[DistillConfig, list[str]]:
-    """Synthetic target data and the shipped demo teacher; a short schedule and a small student unless
-    --epochs / --student were given."""
+    """Synthetic target data with its label-free pool and the shipped demo teacher; a short schedule and a small
+    student unless --epochs / --student were given."""
     default = embedded_default(progress)
     config.data = str(default.data_root)
     if config.method != "none":
         config.teacher = str(default.teacher_checkpoint)
+        if not config.unlabeled:
+            config.unlabeled = str(default.unlabeled)
     if "epochs" not in given:
         config.epochs = default.epochs
     if "student" not in given:

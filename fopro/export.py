@@ -121,6 +121,7 @@ def metadata_props(meta: CheckpointMeta, options: ExportOptions, source: Path, s
         "precision": options.precision,
         "opset": str(options.opset),
         "arch": meta.arch,
+        "head": meta.head,
         "train_counts": json.dumps(meta.train_counts),
         "temperature": json.dumps(meta.temperature),
         "operating_points": json.dumps(meta.operating_points),

@@ -21,18 +21,22 @@ from fopro.data.manifest import UNLABELED
 from fopro.losses import (
     SupervisedLoss, balanced_softmax, class_balanced_weights, cosine_distances, focus_weights, squared_errors, weighted_mean,
 )
-from fopro.models.student import DistillHeads, features_and_logits
+from fopro.models.heads import DistillHeads, ProjectedStudent, projected_state
+from fopro.models.student import features_and_logits
 from fopro.models.teacher import Teacher
 from fopro.models.weights import embedding_dim
 from fopro.preprocess import Preprocess
 
 Losses = dict[str, torch.Tensor]  # named parts of a step's losses, detached (0-d tensors)
 FPG_GRAD_CLIP = 5.0  # the FPG's and h_t's gradients are clipped separately (h_t's would dominate a joint norm)
+# --align-focus when not given: chosen on val for ekd (README, "The method in fopro"); level on val with fopro's FPG
+# and not measured for kd, so 0 there
+DEFAULT_ALIGN_FOCUS = {"ekd": 2.0}
 
 
 @dataclass
 class MethodConfig:
-    name: str = "fopro"
+    name: str = "ekd"
     ekd_weight: float = 3.0  # lambda: weight of the alignment term (kd and ekd)
     adv_weight: float = 1.0  # alpha: AKD term of the FPG objective (0 turns AKD off)
     fpg_reg: float = 0.1  # beta: keeps the mask near 1
@@ -43,6 +47,12 @@ class MethodConfig:
     align_weights: str = "none"  # none | balanced: each image's alignment term weighted 1 / (C p_y) (kd, ekd, fopro)
     align_focus: float = 0.0  # gamma: each image's alignment term also weighted d_i^gamma / mean(d^gamma) (kd, ekd, fopro)
     second_head: bool = True  # EKD's fc_t on the projection (ekd, fopro); False keeps only the alignment term
+    deploy_head: str = "fc"  # the classifier the checkpoints keep: fc(f), or fc_t(p(f)) (ekd, fopro with the second head)
+
+
+def default_align_focus(method: str) -> float:
+    """gamma of --align-focus when the option is not given."""
+    return DEFAULT_ALIGN_FOCUS.get(method, 0.0)
 
 
 def check_method(name: str) -> None:
@@ -55,6 +65,7 @@ class Method(nn.Module):
 
     uses_teacher = False
     uses_fpg = False
+    second_head = False  # EKD's fc_t(p(f)) (ekd, fopro)
 
     def __init__(self, config: MethodConfig, student: nn.Module, student_preprocess: Preprocess, sup_loss: SupervisedLoss):
         super().__init__()
@@ -82,6 +93,14 @@ class Method(nn.Module):
     def student_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return features_and_logits(self.student, self.student_preprocess(images))
 
+    def deployed(self) -> nn.Module:
+        """The student as its checkpoints keep it (validation scores this module)."""
+        return self.student
+
+    def deployed_state(self) -> dict[str, torch.Tensor]:
+        """The state dict of the checkpoints (a timm model's; see fopro.models.heads for head fc_t)."""
+        return self.student.state_dict()
+
     def step(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, Losses]:
         """The student's loss for one batch (to be back-propagated by the loop), with named parts: detached tensors,
         which the loop turns into numbers once per logging interval (no host synchronisation per term and step)."""
@@ -94,7 +113,6 @@ class FeatureKD(Method):
     """`kd`: MSE between the projected student feature and the teacher embedding of the plain image."""
 
     uses_teacher = True
-    second_head = False
 
     def __init__(
         self,
@@ -116,6 +134,12 @@ class FeatureKD(Method):
 
     def student_parameters(self) -> list[nn.Parameter]:
         return super().student_parameters() + list(self.heads.parameters())
+
+    def deployed(self) -> nn.Module:
+        return ProjectedStudent(self.student, self.heads) if self.config.deploy_head == "fc_t" else self.student
+
+    def deployed_state(self) -> dict[str, torch.Tensor]:
+        return projected_state(self.student, self.heads) if self.config.deploy_head == "fc_t" else self.student.state_dict()
 
     def trainable_state(self) -> dict[str, nn.Module]:
         return {"student": self.student, "heads": self.heads}
@@ -324,6 +348,8 @@ def build_method(
     """The method class named by config.name, given the parts it needs (a teacher for kd / ekd / fopro, an FPG for fopro)."""
     check_method(config.name)
     cls = METHOD_CLASSES[config.name]
+    if config.deploy_head == "fc_t" and not (cls.uses_teacher and cls.second_head and config.second_head):
+        raise FoproError(f"deploy head fc_t needs EKD's second head, which --method {config.name} has not here: use --method ekd or fopro with it, or --deploy-head fc")
     if not cls.uses_teacher:
         return cls(config, student, student_preprocess, sup_loss)
     if teacher is None:

@@ -54,7 +54,8 @@ def model_details(meta: CheckpointMeta, weights: Path, export: dict | None) -> l
     config = meta.config
     lines = [
         f"- Student: `{meta.arch}`, {meta.num_classes} classes, input {meta.image_size} x {meta.image_size} RGB, "
-        f"normalised with mean {meta.mean} and std {meta.std}.",
+        f"normalised with mean {meta.mean} and std {meta.std}; classifier "
+        + ("`fc_t(p(f))`, EKD's second head on the projection of the features." if meta.head == "fc_t" else "`fc(f)`, its own."),
         f"- Training: `fopro distill --method {config.get('method', '?')}` (fopro {meta.fopro_version}), teacher "
         f"`{config.get('teacher') or 'none'}`{' with weights ' + repr(config['teacher_weights']) if config.get('teacher_weights') else ''}, "
         f"{config.get('epochs', '?')} epochs, best epoch {meta.epoch} (chosen on val), seed {config.get('seed', '?')}.",

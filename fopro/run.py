@@ -125,6 +125,10 @@ def build_run(config: DistillConfig, run_dir: Path, progress: ProgressFn = no_pr
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
     lr = config.learning_rate(env.world_size)
+    if config.deploy_head == "auto" and config.head() == "fc_t":
+        notes.append("--deploy-head auto: the checkpoints keep fc_t(p(f)), EKD's second head on the projection (--deploy-head fc: the student's own fc)")
+    if config.align_focus is None and config.focus() > 0:
+        notes.append(f"--align-focus {config.focus():g}: the {config.method} default (the images the student matches worst weigh most; 0 turns it off)")
     if config.lr is None:
         notes.append(f"--lr auto: {lr:.3g} for {config.optimizer} at a global batch of {config.batch_size * env.world_size}")
     optimizer = make_optimizer(config, method.student_parameters(), lr)

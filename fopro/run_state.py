@@ -25,7 +25,7 @@ def validate(run: Run) -> dict[str, Any]:
     """Balanced accuracy, tail recall and the rest on the val split, through the eval library."""
     if run.val_set is None:
         return {}
-    predictor = TorchPredictor(run.method.student, run.student_preprocess, run.splits.classes, run.train_counts, "in training", run.device)
+    predictor = TorchPredictor(run.method.deployed(), run.student_preprocess, run.splits.classes, run.train_counts, "in training", run.device)
     probs = predict(predictor, run.val_set, batch_size=max(64, run.config.batch_size))
     report = compute_metrics(
         np.asarray(run.val_set.manifest.labels), probs, run.splits.classes, run.train_counts, run.config.groups()
@@ -55,13 +55,14 @@ def write_epoch(run: Run) -> None:
     record = run.history[-1]
     record["val"] = val
     meta = checkpoint_meta(run, val)
-    save_checkpoint(run.run_dir / "last", run.method.student.state_dict(), meta)
+    weights = run.method.deployed_state()
+    save_checkpoint(run.run_dir / "last", weights, meta)
     score = val.get("balanced_accuracy")
     score = -math.inf if score is None else score
     if run.val_set is None or score > run.best_score:
         run.best_score = score
         record["best"] = True
-        save_checkpoint(run.run_dir / "best", run.method.student.state_dict(), meta)
+        save_checkpoint(run.run_dir / "best", weights, meta)
     fpg = getattr(run.method, "fpg", None)
     if fpg is not None:
         save_fpg(run, fpg)
@@ -89,6 +90,7 @@ def checkpoint_meta(run: Run, val: dict[str, Any]) -> CheckpointMeta:
         epoch=run.epoch + 1,
         metrics={"val": val},
         config={**run.config.to_dict(), "augmentation": run.train_set.augment_config.as_dict()},
+        head=run.method.config.deploy_head,
     )
 
 

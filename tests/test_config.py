@@ -120,3 +120,51 @@ def test_every_method_field_reaches_the_method_config() -> None:
     assert (method.name, method.ekd_weight, method.align_weights, method.align_focus, method.second_head, method.prompt_fraction) == (
         "ekd", 7.0, "balanced", 1.5, False, 0.5)
     assert {f.name for f in dataclasses.fields(method)} - {"name"} <= set(FIELDS)
+
+
+@pytest.mark.parametrize(
+    "values, gamma",
+    [({}, 2.0), ({"method": "ekd"}, 2.0), ({"method": "ekd", "align_focus": 0.0}, 0.0), ({"method": "ekd", "align_focus": 1.0}, 1.0),
+     ({"method": "fopro"}, 0.0), ({"method": "kd"}, 0.0), ({"method": "fopro", "align_focus": 2.0}, 2.0), ({"method": "none"}, 0.0)],
+)
+def test_align_focus_defaults_to_the_gamma_chosen_for_ekd_and_to_0_elsewhere(values: dict, gamma: float) -> None:
+    """The default method is ekd with --align-focus 2 (both chosen on val, README "The method in fopro"); a given
+    --align-focus always wins, and --method none (no alignment term) takes the default without an error."""
+    config = resolve_config({}, {"data": "d", **values})
+    assert config.method == values.get("method", "ekd")
+    assert config.align_focus == values.get("align_focus") and config.method_config().align_focus == gamma
+
+
+def test_a_run_saved_before_align_focus_resumes_without_it(tmp_path: Path) -> None:
+    """config.json of fopro 0.7 has no align_focus: its run resumes as it ran (gamma 0), not with today's default."""
+    config = resolve_config({}, {"data": "d", "method": "ekd"})
+    save_config(config, tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["align_focus"] is None  # the method's default, like --lr auto
+    del saved["align_focus"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_run_config(tmp_path).method_config().align_focus == 0.0
+
+
+@pytest.mark.parametrize(
+    "values, head",
+    [({}, "fc_t"), ({"method": "fopro"}, "fc_t"), ({"method": "ekd", "second_head": False}, "fc"), ({"method": "kd"}, "fc"),
+     ({"method": "none"}, "fc"), ({"method": "ekd", "deploy_head": "fc"}, "fc"), ({"method": "fopro", "deploy_head": "fc_t"}, "fc_t")],
+)
+def test_deploy_head_auto_keeps_fc_t_when_the_run_trains_it(values: dict, head: str) -> None:
+    assert resolve_config({}, {"data": "d", **values}).method_config().deploy_head == head
+
+
+@pytest.mark.parametrize("values", [{"method": "kd", "deploy_head": "fc_t"}, {"method": "none", "deploy_head": "fc_t"},
+                                    {"method": "ekd", "second_head": False, "deploy_head": "fc_t"}])
+def test_deploy_head_fc_t_without_the_second_head_is_refused(values: dict) -> None:
+    with pytest.raises(FoproError, match="--deploy-head fc_t is EKD's second head"):
+        resolve_config({}, {"data": "d", **values})
+
+
+def test_a_run_saved_before_deploy_head_resumes_with_fc(tmp_path: Path) -> None:
+    config = resolve_config({}, {"data": "d", "method": "ekd"})
+    saved = config.to_dict()
+    del saved["deploy_head"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_run_config(tmp_path).method_config().deploy_head == "fc"

@@ -3,6 +3,7 @@ the data and the schedule; the pipeline, the shipped teacher and the output are 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from fopro.checkpoint import file_sha256, load_meta
-from fopro.defaults import DEMO_TEACHER, DEMO_TEACHER_ARCH, DEMO_TEACHER_SHA256, demo_teacher, tiny_demo
+from fopro.defaults import DEMO_TEACHER, DEMO_TEACHER_ARCH, DEMO_TEACHER_SHA256, TINY_SYNTH, demo_teacher, tiny_demo
 from fopro.errors import FoproError
 from helpers import one_line
 
 PHASES = (
     "data · generating synthetic data",
     "data · checking images",
-    "student: fopro distillation · the only epoch",
-    "student: fopro distillation · epoch 1/1",
+    "student: ekd distillation · the only epoch",
+    "student: ekd distillation · epoch 1/1",
     "teacher probe ·",
     "calibration on val ·",
     "test evaluation ·",
@@ -44,9 +45,9 @@ def test_the_default_job_runs_in_labelled_phases_in_order(demo_run) -> None:
     firsts = [next((i for i, line in enumerate(lines) if line.startswith(phase)), None) for phase in PHASES]
     assert None not in firsts, "\n".join(lines)
     assert firsts[:2] == sorted(firsts[:2]) and max(firsts[:2]) < min(firsts[2:4]) < min(firsts[4:]), "\n".join(lines)
-    epoch = next(line for line in lines if line.startswith("student: fopro distillation · epoch 1/1 ["))
+    epoch = next(line for line in lines if line.startswith("student: ekd distillation · epoch 1/1 ["))
     assert re.search(r"sup \d+\.\d{3}.* img/s\]: \d+/\d+ done in 0:\d\d:\d\d$", epoch), epoch
-    assert (home / ".cache" / "fopro" / "synth-v1-tiny" / "target" / "train").is_dir()  # the fresh HOME's cache
+    assert (home / ".cache" / "fopro" / "synth-v2-tiny" / "target" / "train").is_dir()  # the fresh HOME's cache
 
 
 def test_the_summary_shows_the_teacher_probe_and_the_next_steps(demo_run) -> None:
@@ -59,6 +60,17 @@ def test_the_summary_shows_the_teacher_probe_and_the_next_steps(demo_run) -> Non
     tail = out[out.index("next steps:"):]
     for command in (f"fopro eval {run_dirs[0]}", f"fopro export {run_dirs[0]}/best.safetensors --onnx", f"fopro card {run_dirs[0]}", "fopro probe --teacher"):
         assert command in tail, tail
+
+
+def test_the_demo_runs_the_default_method_with_the_label_free_pool(demo_run) -> None:
+    """The embedded default is the recommended configuration: ekd with --align-focus 2 and the synthetic pool."""
+    done, home = demo_run
+    run_dir = next((home / "runs").iterdir())
+    config = json.loads((run_dir / "config.json").read_text())
+    pool = home / ".cache" / "fopro" / "synth-v2-tiny" / "target" / "unlabeled"
+    assert config["method"] == "ekd" and config["align_focus"] is None and config["unlabeled"] == str(pool)
+    assert len(list(pool.iterdir())) == TINY_SYNTH.unlabeled
+    assert f"--unlabeled: {TINY_SYNTH.unlabeled} images" in done.stdout and "--align-focus 2: the ekd default" in done.stdout
 
 
 def test_the_shipped_demo_teacher_is_checked_before_use(tmp_path: Path) -> None:

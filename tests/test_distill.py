@@ -170,7 +170,12 @@ def test_method_trains_one_epoch_and_writes_the_run(case, tmp_path, distill_valu
     model, meta = build_model(run_dir / "last.safetensors")
     weights = load_file(str(run_dir / "last.safetensors"))
     assert set(weights) == set(model.state_dict())
-    assert not [k for k in weights if any(part in k for part in TRAINING_ONLY)]
+    classifier = {k for k in weights if k.startswith("fc.")}
+    if config.method in ("ekd", "fopro"):  # --deploy-head auto: p then fc_t in fc's place
+        assert meta.head == "fc_t" and {k.split(".")[1] for k in classifier} == {"projector", "fc_t"}
+    else:
+        assert meta.head == "fc" and classifier == {"fc.weight", "fc.bias"}
+    assert not [k for k in set(weights) - classifier if any(part in k for part in TRAINING_ONLY)]
     assert meta.arch == "test_resnet" and meta.num_classes == 4 and meta.image_size == 32 and meta.epoch == 1
     assert meta.train_counts == summary["train_counts"]
     with torch.no_grad():

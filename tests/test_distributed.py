@@ -75,7 +75,7 @@ def test_val_metrics_equal_single_process_eval_of_the_checkpoint(runs, distill_d
 
 
 def test_fopro_runs_under_two_processes(distill_data, distill_teacher, tmp_path):
-    args = ["--data", str(distill_data), "--teacher", str(distill_teacher), "--student", "test_resnet", "--image-size", "32", "--epochs", "1", "--batch-size", "4"]
+    args = ["--data", str(distill_data), "--teacher", str(distill_teacher), "--student", "test_resnet", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--method", "fopro"]
     _distill(args, tmp_path / "fopro", 2)
     assert (tmp_path / "fopro" / "fpg.safetensors").is_file()
     assert (tmp_path / "fopro" / "best.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""The student: a timm classifier (backbone + fc) and the distillation heads used only in training."""
+"""The student: a timm classifier (backbone + fc), random init or local weights (its heads: fopro.models.heads)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from fopro.errors import FoproError
 from fopro.preprocess import Preprocess
+from fopro.models.heads import pooled_features
 from fopro.models.weights import check_input_size, create_timm_model, load_weights, read_state_dict
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -45,23 +46,5 @@ def create_student(options: StudentOptions, num_classes: int) -> tuple[nn.Module
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled feature f and fc(f) of a timm classifier, with one backbone pass."""
-    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    features = pooled_features(model, x)
     return features, model.get_classifier()(features)
-
-
-class DistillHeads(nn.Module):
-    """Projector p(f) -> teacher embedding space, and the second classifier fc_t(p(f)) (EKD)."""
-
-    def __init__(self, feature_dim: int, teacher_dim: int, num_classes: int, second_head: bool = True):
-        super().__init__()
-        self.projector = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim),
-            nn.BatchNorm1d(feature_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(feature_dim, teacher_dim),
-        )
-        self.fc_t = nn.Linear(teacher_dim, num_classes) if second_head else None
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        projected = self.projector(features)
-        return projected, (self.fc_t(projected) if self.fc_t is not None else None)

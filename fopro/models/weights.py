@@ -18,6 +18,7 @@ from torch import nn
 
 from fopro.checkpoint import CheckpointMeta, load_checkpoint, sidecar
 from fopro.errors import FoproError, first_line
+from fopro.models.heads import ProjectedClassifier, classifier_name, set_classifier
 
 MAX_LISTED = 3
 # Wrappers around a model's state_dict in common checkpoint files, tried in this order.
@@ -220,12 +221,22 @@ def build_model(path: str | Path, head: bool = True) -> tuple[nn.Module, Checkpo
     state_dict, meta = load_checkpoint(path)
     weights_path, meta_path = sidecar(path)
     model = create_timm_model(meta.arch, meta.num_classes, meta.image_size, option=f"{meta_path} arch")
+    if meta.head == "fc_t":
+        set_classifier(model, ProjectedClassifier(embedding_dim(model), projection_dim(model, state_dict, str(weights_path)), meta.num_classes))
     check_head(model, state_dict, meta, str(meta_path))
     load_weights(model, state_dict, str(weights_path), keep_classifier=True)
     if not head:
         model.reset_classifier(0)
     model.eval()
     return model, meta
+
+
+def projection_dim(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> int:
+    """The width of p(f) in the weights of a head-fc_t checkpoint (the teacher's embedding size)."""
+    key = f"{classifier_name(model)}.fc_t.weight"
+    if key not in state_dict or state_dict[key].ndim != 2:
+        raise FoproError(f"{source} has no {key}, which its JSON's head fc_t needs: the JSON does not belong to these weights")
+    return int(state_dict[key].shape[1])
 
 
 def check_head(model: nn.Module, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta, source: str) -> None:
