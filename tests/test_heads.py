@@ -19,6 +19,7 @@ from fopro.export import export_onnx
 from fopro.export_options import ExportOptions
 from fopro.losses import SupervisedLoss
 from fopro.methods import MethodConfig, build_method
+from fopro.model_card import build_card
 from fopro.models import StudentOptions, Teacher, TeacherOptions, create_student, load_teacher
 from fopro.models.heads import pooled_features
 from fopro.models.weights import build_model
@@ -65,6 +66,12 @@ def test_a_fc_t_checkpoint_computes_fc_t_of_p_of_f(arch: str, tmp_path: Path) ->
         assert meta.head == "fc_t" and not model.training
         assert torch.allclose(model(x), expected, atol=1e-5)
         assert not torch.allclose(expected, method.student(x), atol=1e-3)  # not the student's own fc
+
+
+def test_the_model_card_names_the_classifier(tmp_path: Path) -> None:
+    for head, says in (("fc_t", "classifier `fc_t(p(f))`, EKD's second head"), ("fc", "classifier `fc(f)`, its own")):
+        method, preprocess = _trained_method("test_resnet", deploy_head=head)
+        assert says in build_card(_save(method, preprocess, tmp_path / head, "test_resnet"))
 
 
 def test_a_fc_checkpoint_is_the_plain_timm_student(tmp_path: Path) -> None:
