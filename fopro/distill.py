@@ -113,8 +113,8 @@ def start_run(config: DistillConfig, given: dict[str, Any], overwrite: bool, pro
 
 
 def apply_embedded_default(config: DistillConfig, given: dict[str, Any], progress: ProgressFn) -> tuple[DistillConfig, list[str]]:
-    """Synthetic target data with its label-free pool and the shipped demo teacher; a short schedule and a small
-    student unless --epochs / --student were given."""
+    """Synthetic target data with its label-free pool (for kd, ekd and fopro) and the shipped demo teacher; the
+    demo's epochs, student and augmentation unless --epochs / --student / --augment were given."""
     default = embedded_default(progress)
     config.data = str(default.data_root)
     if config.method != "none":
