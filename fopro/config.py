@@ -21,7 +21,7 @@ from fopro.errors import FoproError
 from fopro.fpg import FPG_MODES
 from fopro.losses import ALIGN_WEIGHTS, check_loss
 from fopro.checkpoint import HEADS
-from fopro.methods import METHODS, MethodConfig, default_align_focus
+from fopro.methods import METHODS, MethodConfig, default_align_focus, trains_second_head
 from fopro.metrics import LongTailGroups
 from fopro.models import StudentOptions, TeacherOptions
 from fopro.tracking import TRACKERS, check_tracker
@@ -281,7 +281,7 @@ class DistillConfig:
         """--deploy-head, with auto resolved: fc_t when the run trains EKD's second head, else fc."""
         if self.deploy_head != "auto":
             return self.deploy_head
-        return "fc_t" if self.method in ("ekd", "fopro") and self.second_head else "fc"
+        return "fc_t" if trains_second_head(self.method, self.second_head) else "fc"
 
     def learning_rate(self, world_size: int = 1) -> float:
         """--lr, or with --lr auto (None) the optimiser's base rate scaled to the global batch."""
@@ -308,7 +308,7 @@ class DistillConfig:
             raise FoproError("--probe-kd distils the teacher probe: use --method kd, ekd or fopro, or drop --probe-kd")
         if self.align_focus and self.method == "none":
             raise FoproError("--align-focus weighs the alignment term, which --method none has not: use --method kd, ekd or fopro, or drop --align-focus")
-        if self.deploy_head == "fc_t" and (self.method not in ("ekd", "fopro") or not self.second_head):
+        if self.deploy_head == "fc_t" and not trains_second_head(self.method, self.second_head):
             raise FoproError("--deploy-head fc_t is EKD's second head, which this run does not train: use --method ekd or fopro without --no-second-head, or --deploy-head fc")
         if self.unlabeled and self.method == "none":
             raise FoproError("--unlabeled needs a teacher to align with: use --method kd, ekd or fopro, or drop --unlabeled")

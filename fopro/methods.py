@@ -336,6 +336,11 @@ METHOD_CLASSES: dict[str, type[Method]] = {"none": Method, "kd": FeatureKD, "ekd
 METHODS = tuple(METHOD_CLASSES)  # the valid --method values
 
 
+def trains_second_head(name: str, second_head: bool = True) -> bool:
+    """Whether --method NAME trains EKD's fc_t(p(f)) (ekd, fopro; not with --no-second-head): what --deploy-head fc_t keeps."""
+    return METHOD_CLASSES[name].second_head and second_head if name in METHOD_CLASSES else False
+
+
 def build_method(
     config: MethodConfig,
     student: nn.Module,
@@ -348,7 +353,7 @@ def build_method(
     """The method class named by config.name, given the parts it needs (a teacher for kd / ekd / fopro, an FPG for fopro)."""
     check_method(config.name)
     cls = METHOD_CLASSES[config.name]
-    if config.deploy_head == "fc_t" and not (cls.uses_teacher and cls.second_head and config.second_head):
+    if config.deploy_head == "fc_t" and not trains_second_head(config.name, config.second_head):
         raise FoproError(f"deploy head fc_t needs EKD's second head, which --method {config.name} has not here: use --method ekd or fopro with it, or --deploy-head fc")
     if not cls.uses_teacher:
         return cls(config, student, student_preprocess, sup_loss)

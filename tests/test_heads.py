@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import timm
@@ -96,7 +97,7 @@ def test_the_onnx_export_of_a_fc_t_checkpoint_matches_onnxruntime(tmp_path: Path
     with torch.no_grad():
         expected = method.heads.fc_t(method.heads.projector(pooled_features(method.student, x))).numpy()
     assert np.abs(got - expected).max() < 1e-4
-    metadata = {p.key: p.value for p in __import__("onnx").load(str(out)).metadata_props}
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata["head"] == "fc_t"
 
 

@@ -34,6 +34,10 @@ class DistillHeads(nn.Module):
         projected = self.projector(features)
         return projected, (self.fc_t(projected) if self.fc_t is not None else None)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """fc_t(p(f)): the logits of head fc_t."""
+        return self.fc_t(self.projector(features))
+
 
 class ProjectedClassifier(DistillHeads):
     """fc_t(p(f)) in the place of a timm model's classifier: the deployed form of head ``fc_t``."""
@@ -42,7 +46,7 @@ class ProjectedClassifier(DistillHeads):
         super().__init__(feature_dim, teacher_dim, num_classes, second_head=True)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.fc_t(self.projector(features))
+        return self.classify(features)
 
 
 class ProjectedStudent(nn.Module):
@@ -53,7 +57,7 @@ class ProjectedStudent(nn.Module):
         self.student, self.heads = student, heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads.fc_t(self.heads.projector(pooled_features(self.student, x)))
+        return self.heads.classify(pooled_features(self.student, x))
 
 
 def classifier_name(model: nn.Module) -> str:
