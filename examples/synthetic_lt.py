@@ -301,12 +301,17 @@ class Protocol:
             raise SystemExit(1) from None
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomically (temporary file, then rename), so a half-written file never marks a step as done."""
+def write_text_atomically(path: Path, text: str) -> None:
+    """Temporary file (named for this process), then rename: a half-written file never marks a step as done, and a
+    process of synthetic_lt_parallel.sh never reads a file another one is writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -324,9 +329,9 @@ def method_config(out: Path, method: str) -> dict[str, Any]:
     text = source.read_text(encoding="utf-8")
     options = yaml.safe_load(text) or {}
     target = out / "configs" / source.name
-    target.parent.mkdir(parents=True, exist_ok=True)
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
-        target.write_text(text, encoding="utf-8")
+        # atomic: the parallel script's processes copy the same file while the others' runs read it
+        write_text_atomically(target, text)
     return {key.replace("-", "_"): value for key, value in options.items()}
 
 
